@@ -1,0 +1,142 @@
+"""Where images come from: an embedded dataset, a user's `.npz`, or TFDS.
+
+Every source returns the same `Dataset`: uint8 `[N, H, W, C]` images and int32 `[N]` labels for a
+train and a test split, checked once here so nothing downstream has to guess.
+"""
+
+import dataclasses
+import os
+from typing import Optional
+
+import numpy as np
+
+from kdjax.errors import KdjaxError
+
+EMBEDDED = ('digits',)
+NPZ_KEYS = ('x_train', 'y_train', 'x_test', 'y_test')
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """Images as uint8 `[N, H, W, C]`, labels as int32 `[N]`, for train and test."""
+  name: str
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  num_classes: int
+
+  @property
+  def image_shape(self):
+    return self.x_train.shape[1:]
+
+
+def load(name: str = 'digits', npz: str = '', num_classes: Optional[int] = None,
+         tfds_data_dir: Optional[str] = None) -> Dataset:
+  """Loads a dataset: `npz` if given, else the embedded `name`, else the TFDS builder `name`."""
+  if npz:
+    arrays = _load_npz(npz)
+    label = os.path.basename(npz)
+  elif name in EMBEDDED:
+    arrays = _load_digits()
+    label = name
+  else:
+    arrays = _load_tfds(name, tfds_data_dir)
+    label = name
+  return _validated(label, *arrays, num_classes=num_classes)
+
+
+def _load_digits():
+  """scikit-learn's 8×8 UCI digits (1,797 images, 10 classes), shipped inside its wheel.
+
+  The pixel values 0..16 are rescaled to 0..255. The data has no official split; a fixed
+  permutation (seed 0) puts 1,438 images in train and 359 (a fifth) in test.
+  """
+  from sklearn import datasets as sk_datasets  # imported here: only this source needs it.
+  digits = sk_datasets.load_digits()
+  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  labels = digits.target.astype(np.int32)
+  order = np.random.default_rng(0).permutation(len(labels))
+  num_test = len(labels) // 5
+  test, train = order[:num_test], order[num_test:]
+  return images[train], labels[train], images[test], labels[test]
+
+
+def _load_npz(path: str):
+  if not os.path.isfile(path):
+    raise KdjaxError(f"npz file '{path}' does not exist; pass an existing file with "
+                     f"--config.data.npz=/path/to/file.npz (arrays: {', '.join(NPZ_KEYS)}).")
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      missing = [k for k in NPZ_KEYS if k not in archive.files]
+      if missing:
+        raise KdjaxError(f"npz file '{path}' lacks the arrays {missing}; it has "
+                         f"{sorted(archive.files)}. kdjax needs {', '.join(NPZ_KEYS)}: uint8 "
+                         'images [N, H, W, C] and integer labels [N].')
+      return tuple(archive[k] for k in NPZ_KEYS)
+  except KdjaxError:
+    raise
+  except Exception as e:  # a truncated or non-npz file: say which file, not numpy's internals.
+    raise KdjaxError(f"could not read '{path}' as an .npz archive ({type(e).__name__}: {e}); "
+                     'check that the file is complete and was written by np.savez.') from e
+
+
+def _load_tfds(name: str, data_dir: Optional[str]):
+  import tensorflow_datasets as tfds  # imported here: it is slow to import and needs TensorFlow.
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:
+    raise KdjaxError(
+        f"unknown dataset '{name}': not an embedded dataset ({', '.join(EMBEDDED)}) and TFDS "
+        f'says: {e}. Use an embedded name, a TFDS name such as cifar10, cifar100 or mnist, or '
+        '--config.data.npz=/path/to/file.npz.') from e
+  try:
+    import tensorflow  # noqa: F401  (TFDS needs it to read its records)
+  except ImportError as e:
+    raise KdjaxError("TFDS datasets need TensorFlow: pip install 'kdjax[tfds]'.") from e
+  builder.download_and_prepare()
+  splits = []
+  for split in ('train', 'test'):
+    images, labels = [], []
+    # Batched iteration rather than batch_size=-1, which TFDS's mock_data cannot serve.
+    for x, y in tfds.as_numpy(builder.as_dataset(split=split, as_supervised=True,
+                                                 batch_size=4096)):
+      images.append(x)
+      labels.append(y)
+    splits += [np.concatenate(images), np.concatenate(labels)]
+  return tuple(splits)
+
+
+def _validated(name, x_train, y_train, x_test, y_test, num_classes: Optional[int]) -> Dataset:
+  for split, x, y in (('train', x_train, y_train), ('test', x_test, y_test)):
+    if x.dtype != np.uint8:
+      raise KdjaxError(f'{name}: x_{split} has dtype {x.dtype}; kdjax needs uint8 pixels 0..255 '
+                       '(convert with np.clip(x * 255, 0, 255).astype(np.uint8) if in [0, 1]).')
+    if x.ndim == 3:
+      raise KdjaxError(f'{name}: x_{split} has shape {x.shape}; kdjax needs [N, H, W, C] — add '
+                       'a channel axis with x[..., None].')
+    if x.ndim != 4:
+      raise KdjaxError(f'{name}: x_{split} has shape {x.shape}; kdjax needs [N, H, W, C].')
+    if len(x) == 0:
+      raise KdjaxError(f'{name}: the {split} split is empty; both splits need examples.')
+    if y.ndim != 1 or len(y) != len(x):
+      raise KdjaxError(f'{name}: y_{split} has shape {y.shape} but x_{split} has {len(x)} '
+                       'images; labels must be [N], one integer per image.')
+    if not np.issubdtype(y.dtype, np.integer):
+      raise KdjaxError(f'{name}: y_{split} has dtype {y.dtype}; labels must be integer class '
+                       'indices.')
+  if x_train.shape[1:] != x_test.shape[1:]:
+    raise KdjaxError(f'{name}: train images are {x_train.shape[1:]} but test images are '
+                     f'{x_test.shape[1:]}; both splits need the same image shape.')
+  low = int(min(y_train.min(), y_test.min()))
+  high = int(max(y_train.max(), y_test.max()))
+  if num_classes is None:
+    num_classes = high + 1
+  if low < 0 or high >= num_classes:
+    raise KdjaxError(f'{name}: labels span [{low}, {high}] but num_classes is {num_classes}; '
+                     'labels must lie in [0, num_classes). Fix the labels or set '
+                     '--config.data.num_classes.')
+  if num_classes < 2:
+    raise KdjaxError(f'{name}: only {num_classes} class found; classification needs at least 2.')
+  return Dataset(name, np.ascontiguousarray(x_train), y_train.astype(np.int32),
+                 np.ascontiguousarray(x_test), y_test.astype(np.int32), int(num_classes))

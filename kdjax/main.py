@@ -1,0 +1,43 @@
+"""Command line: `python -m kdjax.main --config=experiments/configs/takd_default.py --workdir=DIR`.
+
+Any config value can be overridden, e.g. `--config.train.epochs=3`. A mistake in the config or
+the data prints one message and exits with status 2.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Path to a config file (get_config()).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and results.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  import jax
+  from kdjax import experiment
+  from kdjax.errors import KdjaxError
+
+  config = FLAGS.config
+  if config.get('compilation_cache_dir'):
+    # Compiled steps are reused across runs and resumes instead of recompiled.
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  try:
+    experiment.run(config, FLAGS.workdir)
+  except KdjaxError as e:
+    print(f'kdjax: error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

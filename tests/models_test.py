@@ -1,0 +1,88 @@
+"""Model zoo: names, output shapes, and parameter counts against published and hand-computed ones."""
+
+import jax
+import numpy as np
+import pytest
+
+import kdjax
+from kdjax import models
+
+
+def n_params(name, num_classes=10, image_shape=(32, 32, 3), **kwargs):
+  model = models.get_model(name, num_classes, **kwargs)
+  shapes = jax.eval_shape(lambda: models.init_variables(model, image_shape, jax.random.key(0)))
+  return models.count_params(shapes['params'])
+
+
+@pytest.mark.parametrize('name,exact,published', [
+    # He et al. 2016, Table 6 (option A shortcuts): 0.27M and 1.7M; exact counts as widely
+    # reproduced (e.g. 269,722 and 1,727,962 for 10 classes).
+    ('resnet20', 269_722, 0.27e6),
+    ('resnet110', 1_727_962, 1.7e6),
+])
+def test_resnet_parameter_counts_match_the_paper(name, exact, published):
+  got = n_params(name)
+  assert got == exact
+  assert abs(got - published) / published < 0.02
+
+
+def test_resnet_count_by_hand():
+  # ResNet-8: stem conv + BN, one block per stage (2 convs + 2 BNs each), dense 64→10.
+  stem = 3 * 3 * 3 * 16 + 2 * 16
+  block = lambda cin, c: 9 * cin * c + 9 * c * c + 4 * c
+  expected = stem + block(16, 16) + block(16, 32) + block(32, 64) + 64 * 10 + 10
+  assert n_params('resnet8') == expected
+
+
+def test_projection_shortcut_adds_the_1x1_convs():
+  extra = (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)  # two 1×1 convs + their BatchNorms.
+  assert n_params('resnet20', shortcut='projection') == n_params('resnet20') + extra
+
+
+def plain_count(convs, pools, hidden, num_classes, hw=32, channels=3):
+  total, cin = 0, channels
+  for c in convs:
+    total += 9 * cin * c + c + 2 * c  # kernel, bias, BN scale and offset.
+    cin = c
+  size = (hw // 2**pools)**2 * cin
+  for width in (*hidden, num_classes):
+    total += size * width + width
+    size = width
+  return total
+
+
+@pytest.mark.parametrize('depth,convs,pools,hidden', [
+    (2, [16, 16], 2, []),
+    (4, [16, 16, 32, 32], 2, []),
+    (6, [16, 16, 32, 32, 64, 64], 3, []),
+    (8, [16, 16, 32, 32, 64, 64, 128, 128], 4, [64]),
+    (10, [32, 32, 64, 64, 128, 128, 256, 256, 256, 256], 4, [128]),
+])
+def test_plain_cnn_counts_cifar10(depth, convs, pools, hidden):
+  assert n_params(f'plain_cnn_{depth}') == plain_count(convs, pools, hidden, 10)
+
+
+def test_plain_cnn_uses_cifar100_widths_for_100_classes():
+  convs = [32, 32, 64, 64, 128, 128]  # the official CIFAR-100 6-layer net: no third max-pool.
+  assert n_params('plain_cnn_6', num_classes=100) == plain_count(convs, 2, [], 100)
+
+
+@pytest.mark.parametrize('name', list(models.MODELS))
+def test_every_model_gives_logits(name):
+  model = models.get_model(name, 7)
+  variables = jax.eval_shape(lambda: models.init_variables(model, (32, 32, 3),
+                                                           jax.random.key(0)))
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
+                       jax.ShapeDtypeStruct((5, 32, 32, 3), np.float32))
+  assert out.shape == (5, 7)
+
+
+def test_unknown_model_lists_valid_names():
+  with pytest.raises(kdjax.KdjaxError, match=r"unknown model 'resnet9'.*plain_cnn_2.*resnet8"):
+    models.get_model('resnet9', 10)
+
+
+def test_too_small_input_for_plain_cnn_says_so():
+  model = models.get_model('plain_cnn_10', 10)
+  with pytest.raises(kdjax.KdjaxError, match='input too small'):
+    jax.eval_shape(lambda: models.init_variables(model, (8, 8, 1), jax.random.key(0)))
