@@ -28,6 +28,12 @@ def main(argv):
   from kdjax.errors import KdjaxError
 
   config = FLAGS.config
+  try:
+    config.keys()
+  except (IOError, OSError) as e:  # config_flags loads the file lazily, on first access.
+    print(f'kdjax: error: cannot load --config: {_first_line_naming_the_file(e)}; give the path '
+          'of a Python file that defines get_config().', file=sys.stderr)
+    sys.exit(2)
   if config.get('compilation_cache_dir'):
     # Compiled steps are reused across runs and resumes instead of recompiled.
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
@@ -39,5 +45,25 @@ def main(argv):
     sys.exit(2)
 
 
+def _first_line_naming_the_file(error: Exception) -> str:
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+  return next((l for l in lines if 'No such file' in l or 'Error' in l), lines[-1])
+
+
+def parse_flags(argv):
+  """absl's parser, but a bad `--config.*` override prints one line instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except (IOError, OSError) as e:  # the config file is missing or does not import.
+    print(f'kdjax: error: cannot load --config: {_first_line_naming_the_file(e)}; give the path '
+          'of a Python file that defines get_config().', file=sys.stderr)
+  except flags.Error as e:
+    print(f'kdjax: error: {e}\nPass --helpfull to see the flags.', file=sys.stderr)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by config overrides.
+    message = str(e).strip('\'"').replace('\\n', ' ').replace('\\\'', "'")
+    print(f'kdjax: error: bad config override: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

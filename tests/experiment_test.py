@@ -1,0 +1,124 @@
+"""The command line end to end: a chain runs, resumes after SIGKILL, and refuses bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, cli_command, run_cli
+
+TINY = 'tests/configs/tiny_chain.py'
+
+
+def test_chain_runs_writes_results_and_skips_finished_stages(cli_env, tmp_path):
+  workdir = tmp_path / 'run'
+  done = run_cli(cli_env, workdir, TINY, '--config.train.epochs=2')
+  assert done.returncode == 0, done.stderr
+  results = json.loads((workdir / 'results.json').read_text())
+  assert [s['name'] for s in results['stages']] == ['teacher', 'student']
+  student = results['stages'][1]
+  assert student['teacher'] == 'teacher' and student['loss'] == 'kd'
+  assert 0.0 <= student['test_accuracy'] <= 1.0 and student['params'] == 3194
+  table = (workdir / 'results.md').read_text()
+  assert '| student' in table and 'test accuracy (%)' in table
+  assert (workdir / 'test_accuracy.png').stat().st_size > 1000
+  metrics = [json.loads(l) for l in (workdir / 'stages/teacher/metrics.jsonl').read_text()
+             .splitlines()]
+  assert [m['epoch'] for m in metrics] == [1, 2]
+  assert {'train_loss', 'test_accuracy', 'learning_rate', 'images_per_s'} <= set(metrics[0])
+
+  again = run_cli(cli_env, workdir, TINY, '--config.train.epochs=2')
+  assert again.returncode == 0, again.stderr
+  assert again.stdout.count('not retrained') == 2
+
+
+def test_sigkill_mid_stage_resumes_from_last_checkpoint(cli_env, tmp_path):
+  workdir = tmp_path / 'killed'
+  overrides = (f"--config.compilation_cache_dir={cli_env['KDJAX_TEST_CACHE']}",)
+  process = subprocess.Popen(cli_command(workdir, TINY, *overrides), cwd=REPO, env=cli_env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  checkpoints = workdir / 'stages' / 'teacher' / 'checkpoints'
+  deadline = time.time() + 120
+  while time.time() < deadline:
+    steps = [int(p.name) for p in checkpoints.glob('*') if p.name.isdigit()] \
+        if checkpoints.exists() else []
+    if steps and max(steps) >= 20:
+      break
+    time.sleep(0.05)
+  else:
+    process.kill()
+    pytest.fail('the run wrote no checkpoint within 120 s')
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert not (workdir / 'results.json').exists()  # really killed mid-run.
+
+  resumed = run_cli(cli_env, workdir, TINY)
+  assert resumed.returncode == 0, resumed.stderr
+  line = next(l for l in resumed.stdout.splitlines() if l.startswith('[teacher] resuming'))
+  assert int(line.split('step ')[1].split()[0]) >= 20
+  metrics = [json.loads(l) for l in (workdir / 'stages/teacher/metrics.jsonl').read_text()
+             .splitlines()]
+  assert [m['epoch'] for m in metrics] == [1, 2, 3, 4, 5, 6]  # no epoch repeated or lost.
+  results = json.loads((workdir / 'results.json').read_text())
+  assert [s['name'] for s in results['stages']] == ['teacher', 'student']
+
+
+def bad_npz(tmp_path, **changes):
+  rng = np.random.default_rng(0)
+  arrays = dict(x_train=rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8),
+                y_train=rng.integers(0, 10, 64), x_test=rng.integers(0, 256, (16, 8, 8, 1),
+                                                                         dtype=np.uint8),
+                y_test=rng.integers(0, 10, 16))
+  arrays.update(changes)
+  path = tmp_path / 'data.npz'
+  np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+  return f'--config.data.npz={path}'
+
+
+BAD_INPUTS = {
+    'unknown model': (lambda p: ['--config.stages.teacher.model=resnet9'], "unknown model 'resnet9'"),
+    'unknown dataset': (lambda p: ['--config.data.name=no_such_dataset'], "unknown dataset"),
+    'missing npz': (lambda p: [f'--config.data.npz={p}/missing.npz'], 'does not exist'),
+    'npz wrong keys': (lambda p: [bad_npz(p, y_test=None)], 'lacks the arrays'),
+    'npz wrong shape': (lambda p: [bad_npz(p, x_train=np.zeros((64, 8, 8), np.uint8))],
+                        'channel axis'),
+    'labels out of range': (lambda p: [bad_npz(p, y_train=np.arange(64) % 12),
+                                       '--config.data.num_classes=10'], 'labels span'),
+    'temperature': (lambda p: ['--config.kd.temperature=0'], 'temperature must be > 0'),
+    'kd_weight': (lambda p: ['--config.kd.kd_weight=1.5'], r'kd_weight must lie in \[0, 1\]'),
+    'teacher not earlier': (lambda p: ["--config.stage_order=('assistant','teacher','nokd',"
+                                       "'blkd','takd')"], 'not an earlier stage'),
+    'unknown teacher': (lambda p: ['--config.stages.takd.teacher=ghost'],
+                        "teacher 'ghost' is not a stage"),
+    'epochs': (lambda p: ['--config.train.epochs=0'], 'epochs must be an integer >= 1'),
+    'lr schedule': (lambda p: ['--config.train.lr_schedule=linear'], "unknown lr_schedule"),
+}
+
+
+@pytest.mark.parametrize('case', list(BAD_INPUTS))
+def test_bad_input_exits_with_a_message_and_no_traceback(cli_env, tmp_path, case):
+  make_args, message = BAD_INPUTS[case]
+  workdir = tmp_path / 'run'
+  done = run_cli(cli_env, workdir, 'experiments/configs/takd_default.py', *make_args(tmp_path))
+  assert done.returncode == 2, done.stdout + done.stderr
+  assert 'Traceback' not in done.stderr
+  import re
+  assert re.search(message, done.stderr), done.stderr
+  assert not (workdir / 'stages').exists()  # refused before any stage started.
+
+
+def test_unknown_config_key_is_refused(cli_env, tmp_path):
+  done = run_cli(cli_env, tmp_path / 'run', 'experiments/configs/takd_default.py',
+                 '--config.train.epoch=3')
+  assert done.returncode != 0
+  assert 'epoch' in done.stderr and 'Traceback' not in done.stderr
+
+
+def test_missing_config_file_is_refused(cli_env, tmp_path):
+  done = run_cli(cli_env, tmp_path / 'run', 'experiments/configs/no_such_config.py')
+  assert done.returncode == 2
+  assert 'cannot load --config' in done.stderr and 'Traceback' not in done.stderr

@@ -1,0 +1,102 @@
+"""Optimiser and schedules against hand-written references; the train step's teacher handling."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from experiments.configs import takd_default
+from kdjax import models
+from kdjax import train
+
+
+def train_config(**overrides):
+  config = takd_default.get_config().train
+  config.update(overrides)
+  return config
+
+
+@pytest.mark.parametrize('nesterov', [False, True])
+def test_optimizer_is_pytorch_sgd(nesterov):
+  # torch.optim.SGD: g += wd·w; b = μ·b + g; step = g + μ·b if nesterov else b; w -= lr·step.
+  config = train_config(momentum=0.9, weight_decay=0.01, nesterov=nesterov)
+  tx = train.make_optimizer(config, lambda step: 0.1)
+  w = np.array([1.0, -2.0, 0.5])
+  params = jnp.asarray(w, jnp.float32)
+  opt_state = tx.init(params)
+  buf = np.zeros(3)
+  for i in range(4):
+    g = np.array([0.3, -0.1, 0.2]) * (i + 1)
+    updates, opt_state = tx.update(jnp.asarray(g, jnp.float32), opt_state, params)
+    params = params + updates
+    g = g + 0.01 * w
+    buf = 0.9 * buf + g
+    w = w - 0.1 * (g + 0.9 * buf if nesterov else buf)
+  np.testing.assert_allclose(params, w, rtol=1e-5)
+
+
+def test_step_schedule_divides_by_ten_at_half_and_three_quarters():
+  schedule = train.learning_rate_schedule(train_config(epochs=8, learning_rate=0.1), 10,
+                                          'resnet8')
+  lrs = [float(schedule(s)) for s in (0, 39, 40, 59, 60, 79)]
+  np.testing.assert_allclose(lrs, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+
+
+def test_takd_official_schedule_reproduces_the_code():
+  config = train_config(epochs=8, learning_rate=0.1, lr_schedule='takd_official')
+  resnet = train.learning_rate_schedule(config, 10, 'resnet8')
+  plain = train.learning_rate_schedule(config, 10, 'plain_cnn_2')
+  np.testing.assert_allclose([float(resnet(s)) for s in (0, 59, 60)], [0.01, 0.01, 0.001],
+                             rtol=1e-6)
+  np.testing.assert_allclose([float(plain(s)) for s in (0, 79)], [0.01, 0.01], rtol=1e-6)
+
+
+def make_step(teacher_model, loss='kd'):
+  student = models.get_model('plain_cnn_2', 3)
+  loss_config = ml_collections.ConfigDict(dict(loss=loss, temperature=4.0, kd_weight=0.9,
+                                               kl_reduction='batchmean'))
+  augment = takd_default.get_config().data.augment
+  norm = train.Normalization(jnp.full((1,), 0.5), jnp.full((1,), 0.25))
+  step = train.make_train_step(student, teacher_model, loss_config, augment, norm)
+  variables = models.init_variables(student, (8, 8, 1), jax.random.key(1))
+  state = train.create_train_state(student, variables,
+                                   train.make_optimizer(train_config(), lambda s: 0.05))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
+  labels = (images.mean((1, 2, 3)) > 127).astype(np.int32)
+  return step, state, train.DeviceData(jnp.asarray(images), jnp.asarray(labels))
+
+
+def test_train_step_learns_and_leaves_the_teacher_alone():
+  teacher = models.get_model('plain_cnn_2', 3)
+  teacher_variables = models.init_variables(teacher, (8, 8, 1), jax.random.key(2))
+  before = jax.tree_util.tree_map(np.array, teacher_variables)
+  step, state, batch = make_step(teacher)
+  indices = jnp.arange(16)
+  losses = []
+  for _ in range(15):
+    state, metrics = step(state, teacher_variables, batch, indices, jax.random.key(0))
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < losses[0]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, before,
+                         jax.tree_util.tree_map(np.array, teacher_variables))
+  assert int(state.step) == 15
+
+
+def test_teacher_forward_builds_no_gradient():
+  # The jaxpr of the step has exactly one transpose (backward) of the student's convolutions,
+  # none of the teacher's: count conv ops with the teacher's 8-pixel input and 16 channels.
+  teacher = models.get_model('plain_cnn_4', 3)
+  teacher_variables = models.init_variables(teacher, (8, 8, 1), jax.random.key(2))
+  step, state, batch = make_step(teacher)
+  jaxpr = str(jax.make_jaxpr(step.__wrapped__ if hasattr(step, '__wrapped__') else step)(
+      state, teacher_variables, batch, jnp.arange(16), jax.random.key(0)))
+  forward_only = str(jax.make_jaxpr(lambda v, x: teacher.apply(v, x, train=False))(
+      teacher_variables, jnp.zeros((16, 8, 8, 1))))
+  student_only, _, _ = make_step(None, loss='ce')
+  student_jaxpr = str(jax.make_jaxpr(student_only)(state, {}, batch, jnp.arange(16),
+                                                     jax.random.key(0)))
+  count = lambda text: text.count('conv_general_dilated[')
+  assert count(forward_only) == 4 and count(student_jaxpr) > 4
+  assert count(jaxpr) == count(student_jaxpr) + count(forward_only)
