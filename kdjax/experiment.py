@@ -162,8 +162,10 @@ def _check_values(stage: ml_collections.ConfigDict) -> None:
 # Checkpoints.
 
 
-def _checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+def _checkpoint_manager(directory: str, keep: Optional[int],
+                        read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                         read_only=read_only)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_names=('model', 'optimizer', 'meta'))
 
@@ -197,7 +199,8 @@ def _restore_state(manager, step: int, state: train.TrainState) -> train.TrainSt
 
 def load_final_variables(stage_dir: str, model, image_shape) -> dict:
   """The `{params, batch_stats}` of a finished stage, for use as a teacher."""
-  manager = _checkpoint_manager(os.path.join(stage_dir, 'checkpoints'), keep=1)
+  manager = _checkpoint_manager(os.path.join(stage_dir, 'checkpoints'), keep=None,
+                                read_only=True)
   step = manager.latest_step()
   if step is None or not _restore_meta(manager, step).get('final'):
     raise KdjaxError(f"no final checkpoint in '{stage_dir}'; the teacher stage must finish "
