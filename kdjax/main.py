@@ -22,7 +22,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  logging.set_verbosity(logging.ERROR)  # Orbax logs every file it writes, and warns on reads.
   import jax
   from kdjax import experiment
   from kdjax.errors import KdjaxError

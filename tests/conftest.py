@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,3 +28,15 @@ def run_cli(env, workdir, config='experiments/configs/takd_default.py', *overrid
                '--config.progress_bar=False', *overrides)
   return subprocess.run(cli_command(workdir, config, *overrides), cwd=REPO, env=env,
                         capture_output=True, text=True, **kwargs)
+
+
+def write_npz(path, image_shape=(6, 6, 3), num_train=20, num_test=8, num_classes=3, **changes):
+  """A small random dataset in kdjax's npz layout; `changes` replace arrays (None drops one)."""
+  rng = np.random.default_rng(0)
+  arrays = dict(x_train=rng.integers(0, 256, (num_train, *image_shape), dtype=np.uint8),
+                y_train=rng.integers(0, num_classes, num_train),
+                x_test=rng.integers(0, 256, (num_test, *image_shape), dtype=np.uint8),
+                y_test=rng.integers(0, num_classes, num_test))
+  arrays.update(changes)
+  np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+  return str(path)

@@ -8,17 +8,7 @@ import tensorflow_datasets as tfds
 import kdjax
 from kdjax import data
 
-
-def write_npz(path, **overrides):
-  rng = np.random.default_rng(0)
-  arrays = dict(x_train=rng.integers(0, 256, (20, 6, 6, 3), dtype=np.uint8),
-                y_train=rng.integers(0, 3, 20), x_test=rng.integers(0, 256, (8, 6, 6, 3),
-                                                                        dtype=np.uint8),
-                y_test=rng.integers(0, 3, 8))
-  arrays.update(overrides)
-  arrays = {k: v for k, v in arrays.items() if v is not None}
-  np.savez(path, **arrays)
-  return str(path)
+from conftest import write_npz
 
 
 def test_embedded_digits():

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, cli_command, run_cli
+from conftest import REPO, cli_command, run_cli, write_npz
 
 TINY = 'tests/configs/tiny_chain.py'
 
@@ -68,14 +68,8 @@ def test_sigkill_mid_stage_resumes_from_last_checkpoint(cli_env, tmp_path):
 
 
 def bad_npz(tmp_path, **changes):
-  rng = np.random.default_rng(0)
-  arrays = dict(x_train=rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8),
-                y_train=rng.integers(0, 10, 64), x_test=rng.integers(0, 256, (16, 8, 8, 1),
-                                                                         dtype=np.uint8),
-                y_test=rng.integers(0, 10, 16))
-  arrays.update(changes)
-  path = tmp_path / 'data.npz'
-  np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+  path = write_npz(tmp_path / 'data.npz', image_shape=(8, 8, 1), num_train=64, num_test=16,
+                   num_classes=10, **changes)
   return f'--config.data.npz={path}'
 
 

@@ -33,8 +33,5 @@ def get_config():
   config.kd.temperature = 5.0
   config.kd.kd_weight = 0.5
 
-  config.stages.teacher.model = 'plain_cnn_10'
-  config.stages.assistant.model = 'plain_cnn_4'
-  for student in ('nokd', 'blkd', 'takd'):
-    config.stages[student].model = 'plain_cnn_2'
+  takd_default.set_chain_models(config, 'plain_cnn_10', 'plain_cnn_4', 'plain_cnn_2')
   return config

@@ -10,13 +10,11 @@ gives the official code's 1×1-conv shortcuts.
 """
 
 from experiments.configs import takd_cifar10_cnn
+from experiments.configs import takd_default
 
 
 def get_config():
   config = takd_cifar10_cnn.get_config()
   config.train.learning_rate = 0.1
-  config.stages.teacher.model = 'resnet110'
-  config.stages.assistant.model = 'resnet20'
-  for student in ('nokd', 'blkd', 'takd'):
-    config.stages[student].model = 'resnet8'
+  takd_default.set_chain_models(config, 'resnet110', 'resnet20', 'resnet8')
   return config

@@ -19,6 +19,14 @@ def stage(model, loss='ce', teacher=''):
   return s
 
 
+def set_chain_models(config, teacher, assistant, student):
+  """Puts `teacher` → `assistant` → `student` into the five TAKD stages of `get_config()`."""
+  config.stages.teacher.model = teacher
+  config.stages.assistant.model = assistant
+  for name in ('nokd', 'blkd', 'takd'):
+    config.stages[name].model = student
+
+
 def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0
