@@ -264,12 +264,14 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
   tx = train.make_optimizer(t, schedule)
 
   start = time.perf_counter()
-  variables = models.init_variables(student, dataset.image_shape,
-                                    _stage_key(config.seed, name, 'init'))
-  state = train.create_train_state(student, variables, tx)
+  init_key = _stage_key(config.seed, name, 'init')
+  new_state = lambda: train.create_train_state(
+      student, models.init_variables(student, dataset.image_shape, init_key), tx)
   wall_s_before = 0.0
-  if latest is not None:
-    state = _restore_state(manager, latest, state)
+  if latest is None:
+    state = new_state()
+  else:  # restore into shapes only: a resume never pays for compiling the initialisers.
+    state = _restore_state(manager, latest, jax.eval_shape(new_state))
     wall_s_before = meta.get('wall_s', 0.0)
     print(f'[{name}] resuming from step {latest} (epoch {latest / steps_per_epoch:.2f}).')
   _truncate_metrics(os.path.join(stage_dir, 'metrics.jsonl'), int(state.step) // steps_per_epoch)
