@@ -205,7 +205,7 @@ def load_final_variables(stage_dir: str, model, image_shape) -> dict:
   if step is None or not _restore_meta(manager, step).get('final'):
     raise KdjaxError(f"no final checkpoint in '{stage_dir}'; the teacher stage must finish "
                      'first (re-run the same command to resume it).')
-  target = jax.eval_shape(lambda: models.init_variables(model, image_shape, jax.random.key(0)))
+  target = models.variable_shapes(model, image_shape)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         model=ocp.args.StandardRestore(target)))
@@ -264,14 +264,14 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
   tx = train.make_optimizer(t, schedule)
 
   start = time.perf_counter()
-  init_key = _stage_key(config.seed, name, 'init')
-  new_state = lambda: train.create_train_state(
-      student, models.init_variables(student, dataset.image_shape, init_key), tx)
+  make_state = lambda variables: train.create_train_state(student, variables, tx)
   wall_s_before = 0.0
   if latest is None:
-    state = new_state()
+    state = make_state(models.init_variables(student, dataset.image_shape,
+                                             _stage_key(config.seed, name, 'init')))
   else:  # restore into shapes only: a resume never pays for compiling the initialisers.
-    state = _restore_state(manager, latest, jax.eval_shape(new_state))
+    shapes = models.variable_shapes(student, dataset.image_shape)
+    state = _restore_state(manager, latest, jax.eval_shape(make_state, shapes))
     wall_s_before = meta.get('wall_s', 0.0)
     print(f'[{name}] resuming from step {latest} (epoch {latest / steps_per_epoch:.2f}).')
   _truncate_metrics(os.path.join(stage_dir, 'metrics.jsonl'), int(state.step) // steps_per_epoch)

@@ -10,8 +10,7 @@ from kdjax import models
 
 def n_params(name, num_classes=10, image_shape=(32, 32, 3), **kwargs):
   model = models.get_model(name, num_classes, **kwargs)
-  shapes = jax.eval_shape(lambda: models.init_variables(model, image_shape, jax.random.key(0)))
-  return models.count_params(shapes['params'])
+  return models.count_params(models.variable_shapes(model, image_shape)['params'])
 
 
 @pytest.mark.parametrize('name,exact,published', [
@@ -70,8 +69,7 @@ def test_plain_cnn_uses_cifar100_widths_for_100_classes():
 @pytest.mark.parametrize('name', list(models.MODELS))
 def test_every_model_gives_logits(name):
   model = models.get_model(name, 7)
-  variables = jax.eval_shape(lambda: models.init_variables(model, (32, 32, 3),
-                                                           jax.random.key(0)))
+  variables = models.variable_shapes(model, (32, 32, 3))
   out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
                        jax.ShapeDtypeStruct((5, 32, 32, 3), np.float32))
   assert out.shape == (5, 7)
@@ -85,4 +83,11 @@ def test_unknown_model_lists_valid_names():
 def test_too_small_input_for_plain_cnn_says_so():
   model = models.get_model('plain_cnn_10', 10)
   with pytest.raises(kdjax.KdjaxError, match='input too small'):
-    jax.eval_shape(lambda: models.init_variables(model, (8, 8, 1), jax.random.key(0)))
+    models.variable_shapes(model, (8, 8, 1))
+
+
+def test_init_variables_equals_flax_init():
+  model = models.get_model('plain_cnn_2', 10)
+  ours = models.init_variables(model, (8, 8, 1), jax.random.key(3))
+  flax_init = model.init(jax.random.key(3), np.zeros((1, 8, 8, 1), np.float32), train=False)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, ours, flax_init)
