@@ -2,5 +2,8 @@
 
 from kdjax.losses.classification import cross_entropy
 from kdjax.losses.distillation import distillation_loss, KL_REDUCTIONS
+from kdjax.losses.noisy import logit_l2_loss, perturb_logits
+from kdjax.losses.tolerant import top_score_difference, tolerant_teacher_loss, TSD_SCORES
 
-__all__ = ['cross_entropy', 'distillation_loss', 'KL_REDUCTIONS']
+__all__ = ['cross_entropy', 'distillation_loss', 'KL_REDUCTIONS', 'top_score_difference',
+           'tolerant_teacher_loss', 'TSD_SCORES', 'perturb_logits', 'logit_l2_loss']

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.errors import KdjaxError
+from kdjax.losses import _checks
 from kdjax.losses import classification
 
 KL_REDUCTIONS = ('batchmean', 'elementwise_mean')
@@ -40,14 +41,14 @@ def distillation_loss(student_logits: chex.Array,
   Returns:
     A scalar: the batch-mean loss.
   """
-  classification._check_logits(student_logits, 'student_logits')
-  classification._check_logits(teacher_logits, 'teacher_logits')
+  _checks.check_logits(student_logits, 'student_logits')
+  _checks.check_logits(teacher_logits, 'teacher_logits')
   chex.assert_equal_shape((student_logits, teacher_logits),
                           custom_message='student_logits and teacher_logits must both be [B, C]')
   # Hyper-parameters may be traced (a vmapped sweep over temperatures); check them when concrete.
-  if _is_concrete(temperature) and not temperature > 0:
+  if _checks.is_concrete(temperature) and not temperature > 0:
     raise KdjaxError(f'temperature must be > 0, got {temperature}; the paper uses T in [1, 20].')
-  if _is_concrete(kd_weight) and not 0.0 <= kd_weight <= 1.0:
+  if _checks.is_concrete(kd_weight) and not 0.0 <= kd_weight <= 1.0:
     raise KdjaxError(f'kd_weight must lie in [0, 1], got {kd_weight}.')
   if kl_reduction not in KL_REDUCTIONS:
     raise KdjaxError(f"unknown kl_reduction '{kl_reduction}'; choose one of: "
@@ -60,10 +61,6 @@ def distillation_loss(student_logits: chex.Array,
   if kl_reduction == 'elementwise_mean':
     kl = kl / student_logits.shape[-1]
   return (1.0 - kd_weight) * ce + kd_weight * temperature**2 * kl
-
-
-def _is_concrete(value) -> bool:
-  return not isinstance(value, jax.core.Tracer)
 
 
 def _kl_per_example(target_logits: chex.Array, logits: chex.Array) -> chex.Array:

@@ -1,0 +1,50 @@
+"""Noisy teachers (Sau & Balasubramanian, "Deep Model Compression: Distilling Knowledge from Noisy
+Teachers", arXiv 1610.09650): the student regresses teacher logits that are, for a random subset
+of examples, multiplied by `1 + ξ` — a regulariser akin to training with several teachers.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from kdjax.errors import KdjaxError
+from kdjax.losses import _checks
+from kdjax.losses import classification
+
+
+def perturb_logits(key: jax.Array, logits: chex.Array, *, alpha: float,
+                   sigma: float) -> chex.Array:
+  """`z′ = (1 + ξ)·z` with probability α, else `z′ = z`, independently per example.
+
+  `ξ ~ N(0, σ² I)` elementwise (one draw per logit). Unlike one coin flip per batch, each example
+  is perturbed or not on its own, as the paper's per-sample formulation reads.
+
+  Args:
+    key: PRNG key; draw a fresh one every step.
+    logits: `[B, C]` teacher logits.
+    alpha: probability α ∈ [0, 1] that an example's logits are perturbed.
+    sigma: standard deviation σ ≥ 0 of the multiplicative noise.
+
+  Returns:
+    `[B, C]` perturbed logits (a `stop_gradient` copy: the teacher is never trained).
+  """
+  _checks.check_logits(logits, 'logits')
+  if _checks.is_concrete(alpha) and not 0.0 <= alpha <= 1.0:
+    raise KdjaxError(f'alpha must lie in [0, 1], got {alpha}.')
+  if _checks.is_concrete(sigma) and not sigma >= 0.0:
+    raise KdjaxError(f'sigma must be >= 0, got {sigma}.')
+  logits = jax.lax.stop_gradient(logits)
+  which_key, noise_key = jax.random.split(key)
+  perturbed = jax.random.bernoulli(which_key, alpha, (logits.shape[0], 1))
+  xi = sigma * jax.random.normal(noise_key, logits.shape, logits.dtype)
+  return jnp.where(perturbed, (1.0 + xi) * logits, logits)
+
+
+def logit_l2_loss(student_logits: chex.Array, target_logits: chex.Array) -> chex.Array:
+  """`mean_B[0.5·Σ_c (z_s − z′)²]` → scalar; the target is `stop_gradient`."""
+  _checks.check_logits(student_logits, 'student_logits')
+  _checks.check_logits(target_logits, 'target_logits')
+  chex.assert_equal_shape((student_logits, target_logits),
+                          custom_message='student_logits and target_logits must both be [B, C]')
+  diff = student_logits - jax.lax.stop_gradient(target_logits)
+  return jnp.mean(0.5 * jnp.sum(diff**2, axis=-1))
