@@ -41,6 +41,8 @@ class StageResult:
   loss: str
   test_accuracy: float
   test_loss: float
+  test_nontrue_mass: float  # mean probability on non-true classes (secondary information).
+  test_entropy: float       # mean prediction entropy, nats.
   params: int
   epochs: int
   wall_s: float
@@ -94,12 +96,12 @@ def stage_order(config: ml_collections.ConfigDict) -> List[str]:
       raise KdjaxError(f"stage '{name}': unknown loss '{stage.get('loss')}'; choose one of: "
                        f"{', '.join(train.STAGE_LOSSES)}.")
     teacher = stage.get('teacher') or ''
-    if stage.loss == 'kd' and not teacher:
-      raise KdjaxError(f"stage '{name}' uses loss 'kd' but names no teacher; set "
+    if stage.loss in train.LOSSES_WITH_TEACHER and not teacher:
+      raise KdjaxError(f"stage '{name}' uses loss '{stage.loss}' but names no teacher; set "
                        f"--config.stages.{name}.teacher to an earlier stage, or use loss 'ce'.")
     if stage.loss == 'ce' and teacher:
       raise KdjaxError(f"stage '{name}' names teacher '{teacher}' but its loss 'ce' ignores it; "
-                       "use loss 'kd' or clear the teacher.")
+                       "use a distillation loss or clear the teacher.")
     if teacher and teacher not in names:
       raise KdjaxError(f"stage '{name}': teacher '{teacher}' is not a stage of this config; "
                        f"stages are: {', '.join(names)}.")
@@ -152,6 +154,13 @@ def _check_values(stage: ml_collections.ConfigDict) -> None:
       (kd.kl_reduction in train.losses.KL_REDUCTIONS,
        f"unknown kl_reduction '{kd.kl_reduction}'; choose one of: "
        f"{', '.join(train.losses.KL_REDUCTIONS)}"),
+      (0 <= kd.eta <= 1, f'eta must lie in [0, 1] (1: plain cross-entropy), got {kd.eta}'),
+      (isinstance(kd.tsd_k, int) and kd.tsd_k >= 2, f'tsd_k must be an integer >= 2, got {kd.tsd_k!r}'),
+      (kd.tsd_scores in train.losses.TSD_SCORES,
+       f"unknown tsd_scores '{kd.tsd_scores}'; choose one of: {', '.join(train.losses.TSD_SCORES)}"),
+      (0 <= kd.noise_alpha <= 1, f'noise_alpha must lie in [0, 1], got {kd.noise_alpha}'),
+      (kd.noise_sigma >= 0, f'noise_sigma must be >= 0, got {kd.noise_sigma}'),
+      (0 <= kd.noise_ce_weight <= 1, f'noise_ce_weight must lie in [0, 1], got {kd.noise_ce_weight}'),
   ]
   for ok, message in checks:
     if not ok:
@@ -334,6 +343,7 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
   result = StageResult(
       name=name, model=stage.model, teacher=stage.teacher, loss=stage.loss,
       test_accuracy=last['test_accuracy'], test_loss=last['test_loss'],
+      test_nontrue_mass=last['test_nontrue_mass'], test_entropy=last['test_entropy'],
       params=models.count_params(state.params), epochs=t.epochs,
       wall_s=wall_s_before + time.perf_counter() - start, compile_s=compile_s,
       images_per_s=float(np.median([m['images_per_s'] for m in history])))

@@ -21,7 +21,8 @@ from kdjax import losses
 from kdjax.errors import KdjaxError
 
 LR_SCHEDULES = ('step', 'cosine', 'constant', 'takd_official')
-STAGE_LOSSES = ('ce', 'kd')
+STAGE_LOSSES = ('ce', 'kd', 'noisy_l2')
+LOSSES_WITH_TEACHER = ('kd', 'noisy_l2')
 
 
 class TrainState(train_state.TrainState):
@@ -86,14 +87,39 @@ def create_train_state(model: nn.Module, variables, tx: optax.GradientTransforma
                            batch_stats=variables.get('batch_stats', {}), tx=tx)
 
 
-def stage_loss(student_logits, teacher_logits, labels, loss_config):
-  """The stage's training loss (scalar) from `loss_config.loss` ∈ {'ce', 'kd'}."""
+def classification_loss(logits, labels, loss_config):
+  """`η·CE + (1 − η)·TSD` (Yang et al. 2018); plain cross-entropy when `η = 1`."""
+  if loss_config.eta == 1.0:
+    return jnp.mean(losses.cross_entropy(logits, labels))
+  return losses.tolerant_teacher_loss(logits, labels, eta=loss_config.eta, k=loss_config.tsd_k,
+                                      scores=loss_config.tsd_scores)
+
+
+def stage_loss(student_logits, teacher_logits, labels, loss_config, noise_key):
+  """The stage's training loss (scalar), chosen by `loss_config.loss`.
+
+  * `'ce'`: the classification loss (tolerant if `eta < 1`: a tolerant patriarch).
+  * `'kd'`: `(1 − λ)·classification + λ·T²·KL(teacher ‖ student)` (TAKD Eq. 2; with T = 1 the
+    generations loss of Yang et al.). The classification term is tolerant if `eta < 1`.
+  * `'noisy_l2'`: `(1 − w)·½‖z_s − z′‖² + w·classification`, with `z′` the teacher logits
+    perturbed per example (Sau & Balasubramanian 2016) and `w = noise_ce_weight`.
+  """
   if loss_config.loss == 'ce':
-    return jnp.mean(losses.cross_entropy(student_logits, labels))
-  return losses.distillation_loss(student_logits, teacher_logits, labels,
-                                  temperature=loss_config.temperature,
-                                  kd_weight=loss_config.kd_weight,
-                                  kl_reduction=loss_config.kl_reduction)
+    return classification_loss(student_logits, labels, loss_config)
+  if loss_config.loss == 'noisy_l2':
+    target = losses.perturb_logits(noise_key, teacher_logits, alpha=loss_config.noise_alpha,
+                                   sigma=loss_config.noise_sigma)
+    l2 = losses.logit_l2_loss(student_logits, target)
+    weight = loss_config.noise_ce_weight
+    if weight == 0.0:
+      return l2
+    return (1.0 - weight) * l2 + weight * classification_loss(student_logits, labels, loss_config)
+  distill = losses.distillation_loss(student_logits, teacher_logits, labels,
+                                     temperature=loss_config.temperature, kd_weight=1.0,
+                                     kl_reduction=loss_config.kl_reduction)
+  weight = loss_config.kd_weight
+  return (1.0 - weight) * classification_loss(student_logits, labels, loss_config) + (
+      weight * distill)
 
 
 def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
@@ -109,9 +135,10 @@ def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
                  batch_indices: jax.Array, key: jax.Array):
     images = train_data.images[batch_indices]
     labels = train_data.labels[batch_indices]
+    # Randomness is a function of (stage key, step): a resumed stage replays it exactly.
+    augment_key, noise_key = jax.random.split(jax.random.fold_in(key, state.step))
     if augment:
-      images = kd_data.random_crop_and_flip(jax.random.fold_in(key, state.step), images,
-                                            padding=padding, flip=flip)
+      images = kd_data.random_crop_and_flip(augment_key, images, padding=padding, flip=flip)
     images = kd_data.normalize(images, normalization.mean, normalization.std)
     teacher_logits = None
     if teacher is not None:
@@ -121,10 +148,12 @@ def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
     def loss_fn(params):
       logits, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
                                        images, train=True, mutable=['batch_stats'])
-      return stage_loss(logits, teacher_logits, labels, loss_config), (logits, updates)
+      loss = stage_loss(logits, teacher_logits, labels, loss_config, noise_key)
+      return loss, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
+    state = state.apply_gradients(grads=grads,
+                                  batch_stats=updates.get('batch_stats', state.batch_stats))
     metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}
     return state, metrics
 
@@ -132,8 +161,10 @@ def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
 
 
 def make_eval_step(normalization: Normalization) -> Callable:
-  """Jitted `(state, data, indices, mask) → {'loss', 'correct', 'count'}` sums over a batch.
+  """Jitted `(state, data, indices, mask) → sums over a batch` of the loss, correct predictions,
+  the probability mass on non-true classes, and the prediction entropy (nats).
 
+  The last two are Yang et al.'s view of the "secondary information" a teacher passes on.
   `mask` marks the real rows of a padded last batch, so every batch has one shape.
   """
 
@@ -144,8 +175,13 @@ def make_eval_step(normalization: Normalization) -> Callable:
                             train=False)
     per_example = losses.cross_entropy(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels)
-    return {'loss': jnp.sum(per_example * mask), 'correct': jnp.sum(correct * mask),
-            'count': jnp.sum(mask)}
+    log_probs = jax.nn.log_softmax(logits)
+    probs = jnp.exp(log_probs)
+    nontrue = 1.0 - jnp.take_along_axis(probs, labels[:, None], axis=-1)[:, 0]
+    entropy = -jnp.sum(probs * log_probs, axis=-1)
+    total = lambda x: jnp.sum(x * mask)
+    return {'loss': total(per_example), 'correct': total(correct), 'count': jnp.sum(mask),
+            'nontrue_mass': total(nontrue), 'entropy': total(entropy)}
 
   return jax.jit(eval_step)
 
@@ -162,5 +198,6 @@ def evaluate(eval_step: Callable, state: TrainState, test_data: DeviceData,
     sums = eval_step(state, test_data, indices, mask)
     totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
-  return {'test_loss': float(totals['loss'] / totals['count']),
-          'test_accuracy': float(totals['correct'] / totals['count'])}
+  mean = lambda name: float(totals[name] / totals['count'])
+  return {'test_loss': mean('loss'), 'test_accuracy': mean('correct'),
+          'test_nontrue_mass': mean('nontrue_mass'), 'test_entropy': mean('entropy')}

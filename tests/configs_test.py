@@ -40,3 +40,29 @@ def test_per_stage_overrides_apply_and_unknown_ones_are_refused():
   config.stages.takd.train.epoch = 3
   with pytest.raises(experiment.KdjaxError, match="unknown train setting 'epoch'"):
     experiment.stage_config(config, 'takd')
+
+
+def test_generations_config_is_three_d_eta_lambda_runs():
+  config = importlib.import_module('experiments.configs.generations_default').get_config()
+  order = experiment.stage_order(config)
+  assert len(order) == 11 and order[0] == 'strict_g0'
+  stage = lambda name: experiment.stage_config(config, name)
+  assert stage('strict_g0').kd.eta == 1.0 and stage('tolerant_g0').kd.eta == 0.6
+  assert stage('baseline_g3').loss == 'ce' and not stage('baseline_g3').teacher
+  assert stage('born_again_g1').teacher == 'strict_g0' and stage('born_again_g1').kd.kd_weight == 0.5
+  assert stage('tolerant_g3').teacher == 'tolerant_g2' and stage('tolerant_g3').kd.kd_weight == 0.6
+  assert all(stage(n).kd.temperature == 1.0 for n in order)
+  assert {stage(n).model for n in order} == {'plain_cnn_4'}
+  cifar = importlib.import_module('experiments.configs.generations_cifar10').get_config()
+  assert len(experiment.stage_order(cifar)) == 11
+
+
+def test_noisy_configs_cover_the_alpha_sigma_grid():
+  for name, teacher in (('noisy_default', 'plain_cnn_6'), ('noisy_mnist', 'lenet5')):
+    config = importlib.import_module(f'experiments.configs.{name}').get_config()
+    order = experiment.stage_order(config)
+    grid = {(experiment.stage_config(config, n).kd.noise_alpha,
+             experiment.stage_config(config, n).kd.noise_sigma)
+            for n in order if config.stages[n].loss == 'noisy_l2'}
+    assert grid == {(0.0, 0.0)} | {(a, s) for a in (0.2, 0.5, 0.8, 1.0) for s in (0.1, 0.5, 1.0)}
+    assert config.stages.teacher.model == teacher and config.stages.alone.loss == 'ce'

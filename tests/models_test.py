@@ -91,3 +91,11 @@ def test_init_variables_equals_flax_init():
   ours = models.init_variables(model, (8, 8, 1), jax.random.key(3))
   flax_init = model.init(jax.random.key(3), np.zeros((1, 8, 8, 1), np.float32), train=False)
   jax.tree_util.tree_map(np.testing.assert_array_equal, ours, flax_init)
+
+
+def test_lenet5_and_mlp_counts_by_hand():
+  # LeNet-5 on 28×28: conv 5×5×1×6 ('SAME'), pool → 14, conv 5×5×6×16 ('VALID') → 10, pool → 5.
+  lenet = (25 * 6 + 6) + (25 * 6 * 16 + 16) + (400 * 120 + 120) + (120 * 84 + 84) + (84 * 10 + 10)
+  assert n_params('lenet5', image_shape=(28, 28, 1)) == lenet
+  mlp = (784 * 800 + 800) + (800 * 800 + 800) + (800 * 10 + 10)
+  assert n_params('mlp_2x800', image_shape=(28, 28, 1)) == mlp

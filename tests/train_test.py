@@ -54,8 +54,9 @@ def test_takd_official_schedule_reproduces_the_code():
 
 def make_step(teacher_model, loss='kd'):
   student = models.get_model('plain_cnn_2', 3)
-  loss_config = ml_collections.ConfigDict(dict(loss=loss, temperature=4.0, kd_weight=0.9,
-                                               kl_reduction='batchmean'))
+  loss_config = ml_collections.ConfigDict(
+      {**takd_default.get_config().kd.to_dict(), 'loss': loss, 'temperature': 4.0,
+       'kd_weight': 0.9})
   augment = takd_default.get_config().data.augment
   norm = train.Normalization(jnp.full((1,), 0.5), jnp.full((1,), 0.25))
   step = train.make_train_step(student, teacher_model, loss_config, augment, norm)
@@ -100,3 +101,34 @@ def test_teacher_forward_builds_no_gradient():
   count = lambda text: text.count('conv_general_dilated[')
   assert count(forward_only) == 4 and count(student_jaxpr) > 4
   assert count(jaxpr) == count(student_jaxpr) + count(forward_only)
+
+
+def loss_config(loss, **changes):
+  return ml_collections.ConfigDict({**takd_default.get_config().kd.to_dict(), 'loss': loss,
+                                    **changes})
+
+
+def test_stage_losses_compose_the_public_losses():
+  from kdjax import losses
+  rng = np.random.default_rng(0)
+  s, t = rng.normal(size=(2, 8, 10)).astype(np.float32)
+  y = rng.integers(0, 10, 8).astype(np.int32)
+  key = jax.random.key(0)
+  ce = float(np.mean(losses.cross_entropy(s, y)))
+  tolerant = float(losses.tolerant_teacher_loss(s, y, eta=0.6))
+  kl_t1 = float(losses.distillation_loss(s, t, y, temperature=1.0, kd_weight=1.0))
+  np.testing.assert_allclose(train.stage_loss(s, None, y, loss_config('ce'), key), ce, rtol=1e-6)
+  np.testing.assert_allclose(train.stage_loss(s, None, y, loss_config('ce', eta=0.6), key),
+                             tolerant, rtol=1e-6)
+  # A tolerant generation: (1 − λ)·(η·CE + (1 − η)·TSD) + λ·KL at T = 1.
+  got = train.stage_loss(s, t, y, loss_config('kd', eta=0.6, kd_weight=0.6, temperature=1.0), key)
+  np.testing.assert_allclose(got, 0.4 * tolerant + 0.6 * kl_t1, rtol=1e-5)
+  # Noisy teacher with α = 0 is plain logit regression; with a CE weight it mixes in CE.
+  l2 = float(np.mean(0.5 * ((s - t)**2).sum(-1)))
+  np.testing.assert_allclose(train.stage_loss(s, t, y, loss_config('noisy_l2'), key), l2,
+                             rtol=1e-6)
+  mixed = loss_config('noisy_l2', noise_ce_weight=0.25)
+  np.testing.assert_allclose(train.stage_loss(s, t, y, mixed, key), 0.75 * l2 + 0.25 * ce,
+                             rtol=1e-6)
+  noisy = loss_config('noisy_l2', noise_alpha=1.0, noise_sigma=0.5)
+  assert abs(float(train.stage_loss(s, t, y, noisy, key)) - l2) > 1e-3  # noise really applied.

@@ -9,13 +9,14 @@ the 8- and 10-layer nets have four max-pools, too many for 8×8 images). Run wit
 import ml_collections
 
 
-def stage(model, loss='ce', teacher=''):
+def stage(model, loss='ce', teacher='', **kd_overrides):
   """One stage: train `model` with `loss`, distilling from the stage named `teacher` if any."""
   s = ml_collections.ConfigDict()
   s.model = model
-  s.loss = loss          # 'ce' (no distillation) or 'kd' (Hinton KD, TAKD Eq. 2).
+  s.loss = loss          # 'ce' (no teacher), 'kd' (Hinton KD, TAKD Eq. 2) or 'noisy_l2'.
   s.teacher = teacher    # name of an earlier stage; '' for none.
   s.train = ml_collections.ConfigDict()  # per-stage overrides of config.train (e.g. epochs).
+  s.kd = ml_collections.ConfigDict(kd_overrides)  # per-stage overrides of config.kd.
   return s
 
 
@@ -63,6 +64,14 @@ def get_config():
   config.kd.temperature = 4.0
   config.kd.kd_weight = 0.9
   config.kd.kl_reduction = 'batchmean'  # paper; 'elementwise_mean' = official code's KLDivLoss().
+  # Tolerance (Yang et al. 2018): eta < 1 replaces CE by eta·CE + (1 − eta)·TSD.
+  config.kd.eta = 1.0
+  config.kd.tsd_k = 5
+  config.kd.tsd_scores = 'softmax'     # or 'logits'.
+  # Noisy teachers (Sau & Balasubramanian 2016), for loss 'noisy_l2'.
+  config.kd.noise_alpha = 0.0          # probability that an example's teacher logits are noised.
+  config.kd.noise_sigma = 0.0          # std of the multiplicative noise xi.
+  config.kd.noise_ce_weight = 0.0      # weight of the classification term mixed with the L2.
 
   config.stages = ml_collections.ConfigDict()
   config.stages.teacher = stage('plain_cnn_6')

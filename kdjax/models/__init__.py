@@ -11,6 +11,7 @@ import numpy as np
 from kdjax.errors import KdjaxError
 from kdjax.models import plain_cnn as _plain_cnn
 from kdjax.models import resnet as _resnet
+from kdjax.models import small as _small
 from kdjax.models.plain_cnn import PlainCNN
 from kdjax.models.resnet import CifarResNet, SHORTCUTS
 
@@ -19,6 +20,8 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
        for d in sorted(_plain_cnn.CIFAR10_SPECS)},
     **{f'resnet{d}': functools.partial(_resnet.resnet, d)
        for d in sorted(_resnet.BLOCKS_PER_STAGE)},
+    'lenet5': _small.LeNet5,
+    **{name: functools.partial(_small.MLP, widths) for name, widths in _small.MLP_SHAPES.items()},
 }
 
 
