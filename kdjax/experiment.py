@@ -48,6 +48,8 @@ class StageResult:
   wall_s: float
   compile_s: float
   images_per_s: float
+  # Multi-exit models only: per-exit test accuracy, the exits' ensemble, and MACs per exit.
+  exits: Optional[dict] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +98,17 @@ def stage_order(config: ml_collections.ConfigDict) -> List[str]:
       raise KdjaxError(f"stage '{name}': unknown loss '{stage.get('loss')}'; choose one of: "
                        f"{', '.join(train.STAGE_LOSSES)}.")
     teacher = stage.get('teacher') or ''
+    multi_exit_model = models.is_multi_exit(stage.model)
+    if multi_exit_model != (stage.loss in train.MULTI_EXIT_LOSSES):
+      raise KdjaxError(
+          f"stage '{name}': model '{stage.model}' and loss '{stage.loss}' do not fit: the "
+          f"multi-exit losses ({', '.join(train.MULTI_EXIT_LOSSES)}) need a multi_exit_* model "
+          'and a multi_exit_* model needs one of them.')
+    if multi_exit_model and teacher:
+      raise KdjaxError(f"stage '{name}': a multi-exit stage teaches itself; clear its teacher.")
+    if teacher in names and models.is_multi_exit(config.stages[teacher].model):
+      raise KdjaxError(f"stage '{name}': teacher '{teacher}' is a multi-exit model; use a "
+                       'single-exit stage as a teacher.')
     if stage.loss in train.LOSSES_WITH_TEACHER and not teacher:
       raise KdjaxError(f"stage '{name}' uses loss '{stage.loss}' but names no teacher; set "
                        f"--config.stages.{name}.teacher to an earlier stage, or use loss 'ce'.")
@@ -161,6 +174,7 @@ def _check_values(stage: ml_collections.ConfigDict) -> None:
       (0 <= kd.noise_alpha <= 1, f'noise_alpha must lie in [0, 1], got {kd.noise_alpha}'),
       (kd.noise_sigma >= 0, f'noise_sigma must be >= 0, got {kd.noise_sigma}'),
       (0 <= kd.noise_ce_weight <= 1, f'noise_ce_weight must lie in [0, 1], got {kd.noise_ce_weight}'),
+      (0 < kd.primary_weight <= 1, f'primary_weight must lie in (0, 1], got {kd.primary_weight}'),
   ]
   for ok, message in checks:
     if not ok:
@@ -295,7 +309,8 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
   train_data, test_data = device_data
   train_step = train.make_train_step(student, teacher, _loss_config(stage),
                                      config.data.augment, normalization)
-  eval_step = train.make_eval_step(normalization)
+  multi_exit = models.is_multi_exit(stage.model)
+  eval_step = train.make_eval_step(normalization, multi_exit)
   augment_key = _stage_key(config.seed, name, 'augment')
   indices = jnp.zeros((t.batch_size,), jnp.int32)
   compile_start = time.perf_counter()
@@ -347,6 +362,11 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
       params=models.count_params(state.params), epochs=t.epochs,
       wall_s=wall_s_before + time.perf_counter() - start, compile_s=compile_s,
       images_per_s=float(np.median([m['images_per_s'] for m in history])))
+  if multi_exit:
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    result.exits = {'test_accuracy': last['test_accuracy_exits'],
+                    'ensemble_test_accuracy': last['test_accuracy_ensemble'],
+                    'macs': models.exit_macs(student, variables, dataset.image_shape)}
   _save(manager, state, {'final': True, 'wall_s': result.wall_s,
                          'result': dataclasses.asdict(result)})
   manager.wait_until_finished()

@@ -9,20 +9,60 @@ import jax
 
 TABLE_COLUMNS = (('stage', 'name'), ('model', 'model'), ('teacher', 'teacher'),
                  ('loss', 'loss'), ('test accuracy (%)', 'test_accuracy'),
+                 ('non-true mass', 'test_nontrue_mass'), ('entropy (nats)', 'test_entropy'),
                  ('parameters', 'params'), ('wall time (s)', 'wall_s'))
 
 
 def markdown_table(rows: List[dict]) -> str:
-  """One line per stage; accuracy in percent, parameters with thousands separators."""
+  """One line per stage; accuracy in percent, parameters with thousands separators.
+
+  Non-true mass (mean probability on wrong classes) and entropy are on the test set: Yang et
+  al.'s measures of the secondary information a model passes on when it teaches.
+  """
   cells = [[label for label, _ in TABLE_COLUMNS]]
   for row in rows:
     cells.append([
         row['name'], row['model'], row['teacher'] or '—', row['loss'],
-        f"{100 * row['test_accuracy']:.2f}", f"{row['params']:,}", f"{row['wall_s']:.1f}"])
+        f"{100 * row['test_accuracy']:.2f}", f"{row['test_nontrue_mass']:.4f}",
+        f"{row['test_entropy']:.4f}", f"{row['params']:,}", f"{row['wall_s']:.1f}"])
   widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE_COLUMNS))]
   line = lambda c: '| ' + ' | '.join(x.ljust(w) for x, w in zip(c, widths)) + ' |'
   return '\n'.join([line(cells[0]), '|' + '|'.join('-' * (w + 2) for w in widths) + '|',
                     *map(line, cells[1:])])
+
+
+def multi_exit_table(rows: List[dict]) -> str:
+  """Stage × exit accuracy, plus the exits' ensemble; empty if no stage has exits."""
+  rows = [r for r in rows if r.get('exits')]
+  if not rows:
+    return ''
+  macs = rows[0]['exits']['macs']
+  header = ['stage'] + [f'exit {i + 1} ({m / 1e6:.2f}M MACs)' for i, m in enumerate(macs)] + [
+      'ensemble']
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
+  for r in rows:
+    accs = [f'{100 * a:.2f}' for a in r['exits']['test_accuracy']]
+    lines.append('| ' + ' | '.join([r['name'], *accs,
+                                    f"{100 * r['exits']['ensemble_test_accuracy']:.2f}"]) + ' |')
+  return '\n'.join(lines)
+
+
+def plot_exits(rows: List[dict], path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+  for r in rows:
+    if r.get('exits'):
+      ax.plot([m / 1e6 for m in r['exits']['macs']],
+              [100 * a for a in r['exits']['test_accuracy']], marker='o', label=r['name'])
+  ax.set_xlabel('MACs per image to reach the exit (millions)')
+  ax.set_ylabel('test accuracy (%)')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
 
 
 def write(workdir: str, dataset, rows: List[dict], histories: Dict[str, List[dict]]) -> None:
@@ -36,6 +76,10 @@ def write(workdir: str, dataset, rows: List[dict], histories: Dict[str, List[dic
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump({**meta, 'stages': rows}, f, indent=2)
   table = markdown_table(rows)
+  exits_table = multi_exit_table(rows)
+  if exits_table:
+    table += '\n\nMulti-exit stages, per exit (MACs per image to reach the exit):\n\n' + exits_table
+    plot_exits(rows, os.path.join(workdir, 'exits_accuracy_vs_macs.png'))
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(f"# Results: {dataset.name}\n\nTest accuracy after the last epoch "
             f"({meta['num_test']} test images), on {', '.join(meta['devices'])}.\n\n{table}\n")

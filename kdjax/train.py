@@ -21,7 +21,8 @@ from kdjax import losses
 from kdjax.errors import KdjaxError
 
 LR_SCHEDULES = ('step', 'cosine', 'constant', 'takd_official')
-STAGE_LOSSES = ('ce', 'kd', 'noisy_l2')
+MULTI_EXIT_LOSSES = ('exits_ce', 'byot', 'exit_ensemble', 'mate')
+STAGE_LOSSES = ('ce', 'kd', 'noisy_l2') + MULTI_EXIT_LOSSES
 LOSSES_WITH_TEACHER = ('kd', 'noisy_l2')
 
 
@@ -95,6 +96,20 @@ def classification_loss(logits, labels, loss_config):
                                       scores=loss_config.tsd_scores)
 
 
+def multi_exit_loss(exit_logits, ensemble_logits, labels, loss_config):
+  """Self-distillation of a multi-exit model; see `kdjax.losses.multi_exit`."""
+  name = loss_config.loss
+  if name == 'exits_ce':
+    return losses.exits_cross_entropy(exit_logits, labels)
+  hyper = dict(temperature=loss_config.temperature, kd_weight=loss_config.kd_weight)
+  if name == 'byot':
+    return losses.byot_loss(exit_logits, labels, **hyper)
+  if name == 'exit_ensemble':
+    return losses.exit_ensemble_loss(exit_logits, labels, **hyper)
+  return losses.mate_loss(exit_logits, ensemble_logits, labels,
+                          primary_weight=loss_config.primary_weight, **hyper)
+
+
 def stage_loss(student_logits, teacher_logits, labels, loss_config, noise_key):
   """The stage's training loss (scalar), chosen by `loss_config.loss`.
 
@@ -128,6 +143,7 @@ def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
                     normalization: Normalization) -> Callable:
   """Builds the jitted train step for one stage (see the module docstring)."""
   loss_config = ml_collections.FrozenConfigDict(loss_config)
+  multi_exit = loss_config.loss in MULTI_EXIT_LOSSES
   padding, flip = augment_config.crop_padding, augment_config.flip
   augment = augment_config.enabled and (padding > 0 or flip)
 
@@ -148,7 +164,12 @@ def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
     def loss_fn(params):
       logits, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
                                        images, train=True, mutable=['batch_stats'])
-      loss = stage_loss(logits, teacher_logits, labels, loss_config, noise_key)
+      if multi_exit:  # outputs are (exit_logits [E, B, C], ensemble-teacher logits [E, B, C]).
+        exit_logits, ensemble_logits = logits
+        loss = multi_exit_loss(exit_logits, ensemble_logits, labels, loss_config)
+        logits = exit_logits[-1]
+      else:
+        loss = stage_loss(logits, teacher_logits, labels, loss_config, noise_key)
       return loss, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -160,11 +181,13 @@ def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
   return jax.jit(train_step, donate_argnums=0)
 
 
-def make_eval_step(normalization: Normalization) -> Callable:
+def make_eval_step(normalization: Normalization, multi_exit: bool = False) -> Callable:
   """Jitted `(state, data, indices, mask) → sums over a batch` of the loss, correct predictions,
   the probability mass on non-true classes, and the prediction entropy (nats).
 
   The last two are Yang et al.'s view of the "secondary information" a teacher passes on.
+  For a multi-exit model these describe the deepest exit, and `exit_correct` `[E]` and
+  `ensemble_correct` (the average of the exits' probabilities) are added.
   `mask` marks the real rows of a padded last batch, so every batch has one shape.
   """
 
@@ -173,15 +196,22 @@ def make_eval_step(normalization: Normalization) -> Callable:
     images = kd_data.normalize(eval_data.images[indices], normalization.mean, normalization.std)
     logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images,
                             train=False)
+    total = lambda x: jnp.sum(x * mask, axis=-1)
+    extra = {}
+    if multi_exit:
+      exit_logits = logits[0]
+      extra['exit_correct'] = total(jnp.argmax(exit_logits, -1) == labels)
+      ensemble = jnp.mean(jax.nn.softmax(exit_logits), axis=0)
+      extra['ensemble_correct'] = total(jnp.argmax(ensemble, -1) == labels)
+      logits = exit_logits[-1]
     per_example = losses.cross_entropy(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels)
     log_probs = jax.nn.log_softmax(logits)
     probs = jnp.exp(log_probs)
     nontrue = 1.0 - jnp.take_along_axis(probs, labels[:, None], axis=-1)[:, 0]
     entropy = -jnp.sum(probs * log_probs, axis=-1)
-    total = lambda x: jnp.sum(x * mask)
     return {'loss': total(per_example), 'correct': total(correct), 'count': jnp.sum(mask),
-            'nontrue_mass': total(nontrue), 'entropy': total(entropy)}
+            'nontrue_mass': total(nontrue), 'entropy': total(entropy), **extra}
 
   return jax.jit(eval_step)
 
@@ -198,6 +228,10 @@ def evaluate(eval_step: Callable, state: TrainState, test_data: DeviceData,
     sums = eval_step(state, test_data, indices, mask)
     totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
-  mean = lambda name: float(totals[name] / totals['count'])
-  return {'test_loss': mean('loss'), 'test_accuracy': mean('correct'),
-          'test_nontrue_mass': mean('nontrue_mass'), 'test_entropy': mean('entropy')}
+  mean = lambda name: (totals[name] / totals['count']).tolist()
+  results = {'test_loss': mean('loss'), 'test_accuracy': mean('correct'),
+             'test_nontrue_mass': mean('nontrue_mass'), 'test_entropy': mean('entropy')}
+  if 'exit_correct' in totals:
+    results['test_accuracy_exits'] = mean('exit_correct')
+    results['test_accuracy_ensemble'] = mean('ensemble_correct')
+  return results

@@ -66,3 +66,17 @@ def test_noisy_configs_cover_the_alpha_sigma_grid():
             for n in order if config.stages[n].loss == 'noisy_l2'}
     assert grid == {(0.0, 0.0)} | {(a, s) for a in (0.2, 0.5, 0.8, 1.0) for s in (0.1, 0.5, 1.0)}
     assert config.stages.teacher.model == teacher and config.stages.alone.loss == 'ce'
+
+
+def test_multi_exit_model_and_loss_must_match():
+  config = importlib.import_module('experiments.configs.mate_default').get_config()
+  assert experiment.stage_order(config) == ['exits_ce', 'byot', 'exit_ensemble', 'mate']
+  config.stages.mate.model = 'resnet8'
+  with pytest.raises(experiment.KdjaxError, match='do not fit'):
+    experiment.stage_order(config)
+  config = importlib.import_module('experiments.configs.takd_default').get_config()
+  config.stages.teacher.model = 'multi_exit_resnet8'
+  with pytest.raises(experiment.KdjaxError, match='multi-exit|do not fit'):
+    experiment.stage_order(config)
+  cifar = importlib.import_module('experiments.configs.mate_cifar10').get_config()
+  assert {s.model for s in cifar.stages.values()} == {'multi_exit_resnet20'}

@@ -116,3 +116,17 @@ def test_missing_config_file_is_refused(cli_env, tmp_path):
   done = run_cli(cli_env, tmp_path / 'run', 'experiments/configs/no_such_config.py')
   assert done.returncode == 2
   assert 'cannot load --config' in done.stderr and 'Traceback' not in done.stderr
+
+
+def test_multi_exit_stages_report_every_exit(cli_env, tmp_path):
+  workdir = tmp_path / 'mate'
+  done = run_cli(cli_env, workdir, 'tests/configs/tiny_mate.py')
+  assert done.returncode == 0, done.stderr
+  results = json.loads((workdir / 'results.json').read_text())
+  for stage in results['stages']:
+    exits = stage['exits']
+    assert len(exits['test_accuracy']) == 3 and 0 <= exits['ensemble_test_accuracy'] <= 1
+    assert exits['macs'][0] < exits['macs'][1] < exits['macs'][2]
+    assert stage['test_accuracy'] == exits['test_accuracy'][-1]  # the deepest exit.
+  assert 'exit 1 (' in (workdir / 'results.md').read_text()
+  assert (workdir / 'exits_accuracy_vs_macs.png').exists()

@@ -72,6 +72,8 @@ def get_config():
   config.kd.noise_alpha = 0.0          # probability that an example's teacher logits are noised.
   config.kd.noise_sigma = 0.0          # std of the multiplicative noise xi.
   config.kd.noise_ce_weight = 0.0      # weight of the classification term mixed with the L2.
+  # MATE (Sun et al. 2024): weight of an exit's own ensemble teacher; the rest share 1 − it.
+  config.kd.primary_weight = 0.6
 
   config.stages = ml_collections.ConfigDict()
   config.stages.teacher = stage('plain_cnn_6')

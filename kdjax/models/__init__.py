@@ -11,14 +11,18 @@ import numpy as np
 from kdjax.errors import KdjaxError
 from kdjax.models import plain_cnn as _plain_cnn
 from kdjax.models import resnet as _resnet
+from kdjax.models import multi_exit as _multi_exit
 from kdjax.models import small as _small
 from kdjax.models.plain_cnn import PlainCNN
+from kdjax.models.multi_exit import MultiExitResNet, exit_macs
 from kdjax.models.resnet import CifarResNet, SHORTCUTS
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     **{f'plain_cnn_{d}': functools.partial(_plain_cnn.plain_cnn, d)
        for d in sorted(_plain_cnn.CIFAR10_SPECS)},
     **{f'resnet{d}': functools.partial(_resnet.resnet, d)
+       for d in sorted(_resnet.BLOCKS_PER_STAGE)},
+    **{f'multi_exit_resnet{d}': functools.partial(_multi_exit.multi_exit_resnet, d)
        for d in sorted(_resnet.BLOCKS_PER_STAGE)},
     'lenet5': _small.LeNet5,
     **{name: functools.partial(_small.MLP, widths) for name, widths in _small.MLP_SHAPES.items()},
@@ -34,7 +38,7 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   if 'shortcut' in kwargs and kwargs['shortcut'] not in SHORTCUTS:
     raise KdjaxError(f"unknown ResNet shortcut '{kwargs['shortcut']}'; choose one of: "
                      f"{', '.join(SHORTCUTS)}.")
-  if not name.startswith('resnet'):
+  if 'resnet' not in name:
     kwargs.pop('shortcut', None)
   return MODELS[name](num_classes=num_classes, **kwargs)
 
@@ -60,8 +64,13 @@ def variable_shapes(model: nn.Module, image_shape):
   return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), dummy)
 
 
+def is_multi_exit(name: str) -> bool:
+  return name.startswith('multi_exit_')
+
+
 def count_params(params) -> int:
   return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ['MODELS', 'get_model', 'init_variables', 'variable_shapes', 'count_params', 'PlainCNN', 'CifarResNet']
+__all__ = ['MODELS', 'get_model', 'init_variables', 'variable_shapes', 'count_params', 'PlainCNN', 'CifarResNet',
+           'MultiExitResNet', 'exit_macs', 'is_multi_exit']
