@@ -130,3 +130,43 @@ def test_exit_macs_by_hand(resnet8):
   expected = [stem + stage0 + head0, stem + stage0 + stage1 + head1,
               stem + stage0 + stage1 + stage2 + dense]
   assert multi_exit.exit_macs(model, variables, (32, 32, 3)) == expected
+
+
+def test_one_exit_mate_reduces_to_cross_entropy():
+  # With E = 1 the teacher is the exit itself: the KL term vanishes, leaving (1 − β)·CE for the
+  # exit plus the teacher's CE, and the exit's gradient is exactly (1 − β)·∇CE.
+  z, _, y = data(6, e=1)
+  ce = np_ce(z[0].astype(np.float64), y)
+  f = lambda zz: losses.mate_loss(zz, zz, y, temperature=4.0, kd_weight=0.3, primary_weight=1.0)
+  np.testing.assert_allclose(f(z), 0.7 * ce + ce, rtol=1e-5)
+  exit_only = lambda zz: losses.mate_loss(zz, z, y, temperature=4.0, kd_weight=0.3,
+                                          primary_weight=1.0)
+  grad_ce = jax.grad(lambda zz: losses.exits_cross_entropy(zz, y))(z)
+  np.testing.assert_allclose(jax.grad(exit_only)(z), 0.7 * grad_ce, rtol=1e-4, atol=1e-7)
+
+
+def test_mate_gradient_matches_finite_differences():
+  z, t, y = data(7, e=2, b=3, c=4)
+  f = lambda zz: losses.mate_loss(zz, t, y, temperature=2.0, kd_weight=0.6, primary_weight=0.7)
+  grad = np.asarray(jax.grad(f)(z), np.float64)
+  mixing = np.array([[0.7, 0.3], [0.3, 0.7]])
+  ref = lambda zz: np_exit_loss(zz, t.astype(np.float64), mixing, y, 2.0, 0.6)
+  numeric = np.zeros_like(grad)
+  for i in np.ndindex(z.shape):
+    up, down = z.astype(np.float64), z.astype(np.float64)
+    up[i] += 1e-5
+    down[i] -= 1e-5
+    numeric[i] = (ref(up) - ref(down)) / 2e-5
+  np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(temperature=0.0, kd_weight=0.5, primary_weight=0.5), 'temperature'),
+    (dict(temperature=1.0, kd_weight=1.5, primary_weight=0.5), 'kd_weight'),
+    (dict(temperature=1.0, kd_weight=0.5, primary_weight=1.5), 'primary_weight'),
+    (dict(temperature=1.0, kd_weight=0.5, primary_weight=0.0), 'primary_weight'),
+])
+def test_mate_bad_values(kwargs, match):
+  z, t, y = data(8)
+  with pytest.raises(kdjax.KdjaxError, match=match):
+    losses.mate_loss(z, t, y, **kwargs)

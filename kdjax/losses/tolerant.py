@@ -26,7 +26,7 @@ def top_score_difference(logits: chex.Array, labels: chex.Array, *, k: int = 5,
   Args:
     logits: `[B, C]` float.
     labels: `[B]` integer class indices.
-    k: K, the true class plus K − 1 secondary classes; `2 <= k <= C`. The paper uses K = 5.
+    k: K, the true class plus K − 1 secondary classes; `2 <= k < C`. The paper uses K = 5.
     scores: `'softmax'` (default, the paper: TSD on softmax probabilities, so it lies in
       [−1, 1]) or `'logits'` (the alternative reading: TSD on raw logits, unbounded).
 
@@ -36,8 +36,9 @@ def top_score_difference(logits: chex.Array, labels: chex.Array, *, k: int = 5,
   _checks.check_logits(logits, 'logits')
   _checks.check_labels(labels, logits)
   num_classes = logits.shape[-1]
-  if not 2 <= k <= num_classes:
-    raise KdjaxError(f'k must lie in [2, num_classes={num_classes}], got {k}.')
+  if not 2 <= k < num_classes:
+    raise KdjaxError(f'k must satisfy 2 <= k < num_classes={num_classes}, got {k}; the paper '
+                     'uses k = 5.')
   if scores not in TSD_SCORES:
     raise KdjaxError(f"unknown scores '{scores}'; choose one of: {', '.join(TSD_SCORES)}.")
   s = jax.nn.softmax(logits, axis=-1) if scores == 'softmax' else logits
