@@ -7,3 +7,7 @@ its traceback.
 
 class KdjaxError(ValueError):
   """A bad config, dataset, checkpoint or argument; the message says what to fix."""
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; the stage saved a checkpoint and stopped. Re-running resumes it."""

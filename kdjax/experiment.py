@@ -11,9 +11,13 @@ Running the same command again resumes an interrupted stage from its last checkp
 finished ones. The run ends with `results.json`, `results.md` and `test_accuracy.png`.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
+import signal
+import threading
 import time
 import zlib
 from typing import Dict, List, Optional
@@ -22,13 +26,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
+from kdjax import checkpoints
 from kdjax import data as kd_data
 from kdjax import models
 from kdjax import report
 from kdjax import train
-from kdjax.errors import KdjaxError
+from kdjax.errors import KdjaxError, Preempted
 
 STAGE_KEYS = ('model', 'loss', 'teacher', 'train', 'kd')
 
@@ -48,6 +52,7 @@ class StageResult:
   wall_s: float
   compile_s: float
   images_per_s: float
+  skipped_steps: int = 0  # steps dropped for a non-finite loss (nan_policy 'skip').
   # Multi-exit models only: per-exit test accuracy, the exits' ensemble, and MACs per exit.
   exits: Optional[dict] = None
 
@@ -162,6 +167,8 @@ def _check_values(stage: ml_collections.ConfigDict) -> None:
       (t.weight_decay >= 0, f'weight_decay must be >= 0, got {t.weight_decay}'),
       (t.checkpoint_every_steps >= 0, 'checkpoint_every_steps must be >= 0 (0: every epoch)'),
       (t.checkpoints_to_keep >= 1, 'checkpoints_to_keep must be >= 1'),
+      (t.nan_policy in ('stop', 'skip'),
+       f"nan_policy must be 'stop' or 'skip', got {t.nan_policy!r}"),
       (kd.temperature > 0, f'temperature must be > 0, got {kd.temperature}'),
       (0 <= kd.kd_weight <= 1, f'kd_weight must lie in [0, 1], got {kd.kd_weight}'),
       (kd.kl_reduction in train.losses.KL_REDUCTIONS,
@@ -179,65 +186,6 @@ def _check_values(stage: ml_collections.ConfigDict) -> None:
   for ok, message in checks:
     if not ok:
       raise KdjaxError(f'{where}: {message}.')
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints.
-
-
-def _checkpoint_manager(directory: str, keep: Optional[int],
-                        read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                         read_only=read_only)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                               item_names=('model', 'optimizer', 'meta'))
-
-
-def _save(manager, state: train.TrainState, meta: dict) -> None:
-  # A host copy: the next train step donates the device buffers while Orbax writes in background.
-  model, optimizer = jax.device_get((
-      {'params': state.params, 'batch_stats': state.batch_stats},
-      {'opt_state': state.opt_state, 'step': state.step}))
-  manager.save(int(optimizer['step']), args=ocp.args.Composite(
-      model=ocp.args.StandardSave(model), optimizer=ocp.args.StandardSave(optimizer),
-      meta=ocp.args.JsonSave(meta)))
-
-
-def _restore_meta(manager, step: int) -> dict:
-  return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-
-
-def _restore_state(manager, step: int, state: train.TrainState) -> train.TrainState:
-  abstract = lambda tree: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      model=ocp.args.StandardRestore(abstract({'params': state.params,
-                                               'batch_stats': state.batch_stats})),
-      optimizer=ocp.args.StandardRestore(abstract({'opt_state': state.opt_state,
-                                                   'step': state.step}))))
-  return state.replace(params=restored.model['params'],
-                       batch_stats=restored.model['batch_stats'],
-                       opt_state=restored.optimizer['opt_state'],
-                       step=restored.optimizer['step'])
-
-
-def load_final_variables(stage_dir: str, model, image_shape) -> dict:
-  """The `{params, batch_stats}` of a finished stage, for use as a teacher."""
-  manager = _checkpoint_manager(os.path.join(stage_dir, 'checkpoints'), keep=None,
-                                read_only=True)
-  step = manager.latest_step()
-  if step is None or not _restore_meta(manager, step).get('final'):
-    raise KdjaxError(f"no final checkpoint in '{stage_dir}'; the teacher stage must finish "
-                     'first (re-run the same command to resume it).')
-  target = models.variable_shapes(model, image_shape)
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(target)))
-  except Exception as e:  # orbax reports a tree or shape mismatch in its own words.
-    raise KdjaxError(f"the checkpoint in '{stage_dir}' does not match the model the config "
-                     f'names for that stage ({type(e).__name__}: {e}). Use the model it was '
-                     'trained with, or delete the stage folder to retrain it.') from e
-  manager.close()
-  return restored.model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,14 +217,6 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
   os.makedirs(stage_dir, exist_ok=True)
   model_kwargs = {'shortcut': config.model.resnet_shortcut}
   student = models.get_model(stage.model, dataset.num_classes, **model_kwargs)
-  manager = _checkpoint_manager(os.path.join(stage_dir, 'checkpoints'), t.checkpoints_to_keep)
-  latest = manager.latest_step()
-  meta = _restore_meta(manager, latest) if latest is not None else {}
-  if meta.get('final'):
-    manager.close()
-    print(f"[{name}] finished earlier (step {latest}); not retrained.")
-    return StageResult(**meta['result'])
-
   num_train = dataset.x_train.shape[0]
   if t.batch_size > num_train:
     raise KdjaxError(f"stage '{name}': batch_size {t.batch_size} exceeds the {num_train} "
@@ -285,30 +225,41 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
   total_steps = t.epochs * steps_per_epoch
   schedule = train.learning_rate_schedule(t, steps_per_epoch, stage.model)
   tx = train.make_optimizer(t, schedule)
+  make_state = lambda variables: train.create_train_state(student, variables, tx)
+
+  manager = checkpoints.manager(os.path.join(stage_dir, 'checkpoints'), t.checkpoints_to_keep)
+  # Every checkpoint is verified before use, a finished stage's too: a later stage reads it.
+  abstract_state = jax.eval_shape(make_state, models.variable_shapes(student,
+                                                                      dataset.image_shape))
+  latest, meta, restored = checkpoints.restore_latest_good(manager, abstract_state, name)
+  if meta.get('final'):
+    manager.close()
+    print(f"[{name}] finished earlier (step {latest}); not retrained.")
+    return StageResult(**meta['result'])
 
   start = time.perf_counter()
-  make_state = lambda variables: train.create_train_state(student, variables, tx)
   wall_s_before = 0.0
-  if latest is None:
+  if restored is None:
     state = make_state(models.init_variables(student, dataset.image_shape,
                                              _stage_key(config.seed, name, 'init')))
-  else:  # restore into shapes only: a resume never pays for compiling the initialisers.
-    shapes = models.variable_shapes(student, dataset.image_shape)
-    state = _restore_state(manager, latest, jax.eval_shape(make_state, shapes))
+  else:  # restored into shapes only: a resume never pays for compiling the initialisers.
+    state = restored
     wall_s_before = meta.get('wall_s', 0.0)
     print(f'[{name}] resuming from step {latest} (epoch {latest / steps_per_epoch:.2f}).')
-  _truncate_metrics(os.path.join(stage_dir, 'metrics.jsonl'), int(state.step) // steps_per_epoch)
+  metrics_path = os.path.join(stage_dir, 'metrics.jsonl')
+  _truncate_metrics(metrics_path, int(state.step) // steps_per_epoch)
 
   teacher, teacher_variables = None, {}
   if stage.teacher:
     teacher_stage = config.stages[stage.teacher]
     teacher = models.get_model(teacher_stage.model, dataset.num_classes, **model_kwargs)
-    teacher_variables = load_final_variables(os.path.join(workdir, 'stages', stage.teacher),
-                                             teacher, dataset.image_shape)
+    teacher_variables = checkpoints.load_final_variables(
+        os.path.join(workdir, 'stages', stage.teacher),
+        models.variable_shapes(teacher, dataset.image_shape))
 
   train_data, test_data = device_data
-  train_step = train.make_train_step(student, teacher, _loss_config(stage),
-                                     config.data.augment, normalization)
+  train_step = train.make_train_step(student, teacher, _loss_config(stage), config.data.augment,
+                                     normalization, skip_nonfinite=t.nan_policy == 'skip')
   multi_exit = models.is_multi_exit(stage.model)
   eval_step = train.make_eval_step(normalization, multi_exit)
   augment_key = _stage_key(config.seed, name, 'augment')
@@ -318,39 +269,52 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
                                 augment_key).compile()
   compile_s = time.perf_counter() - compile_start
 
+  def save(final: bool, unchecked_metrics, **extra):
+    _check_finite(unchecked_metrics, name, step, stage.loss)  # never checkpoint a NaN state.
+    checkpoints.save(manager, state, {'final': final, **extra,
+                                      'wall_s': wall_s_before + time.perf_counter() - start})
+
   progress = _progress_bar(config, name, total_steps, int(state.step))
-  metrics_path = os.path.join(stage_dir, 'metrics.jsonl')
   step = int(state.step)
   permutation = None
-  epoch_metrics, epoch_start, epoch_images = [], time.perf_counter(), 0
-  while step < total_steps:
-    epoch, position = divmod(step, steps_per_epoch)
-    if permutation is None or position == 0:
-      permutation = _epoch_permutation(config.seed, name, epoch, num_train)
-    batch_indices = jax.lax.dynamic_slice_in_dim(permutation, position * t.batch_size,
-                                                 t.batch_size)
-    state, step_metrics = train_step(state, teacher_variables, train_data, batch_indices,
-                                     augment_key)
-    step += 1
-    epoch_metrics.append(step_metrics)
-    epoch_images += t.batch_size
-    progress.update(1)
-    end_of_epoch = step % steps_per_epoch == 0
-    if end_of_epoch:
-      summary = _epoch_summary(epoch_metrics, name, epoch, step)
-      seconds = time.perf_counter() - epoch_start
-      summary.update(train.evaluate(eval_step, state, test_data, t.eval_batch_size))
-      summary.update(epoch=epoch + 1, step=step, learning_rate=float(schedule(step - 1)),
-                     images_per_s=epoch_images / seconds, epoch_s=seconds)
-      with open(metrics_path, 'a') as f:
-        f.write(json.dumps(summary) + '\n')
-      progress.set_postfix(loss=f"{summary['train_loss']:.3f}",
-                           test_acc=f"{summary['test_accuracy']:.3f}")
-      epoch_metrics, epoch_start, epoch_images = [], time.perf_counter(), 0
-    if end_of_epoch or (t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0):
-      elapsed = wall_s_before + time.perf_counter() - start
-      if step < total_steps:
-        _save(manager, state, {'final': False, 'wall_s': elapsed})
+  epoch_metrics, unchecked, epoch_start, epoch_images = [], [], time.perf_counter(), 0
+  with _preemption_guard() as preempted:
+    while step < total_steps:
+      epoch, position = divmod(step, steps_per_epoch)
+      if permutation is None or position == 0:
+        permutation = _epoch_permutation(config.seed, name, epoch, num_train)
+      batch_indices = jax.lax.dynamic_slice_in_dim(permutation, position * t.batch_size,
+                                                   t.batch_size)
+      state, step_metrics = train_step(state, teacher_variables, train_data, batch_indices,
+                                       augment_key)
+      step += 1
+      epoch_metrics.append(step_metrics)
+      unchecked.append(step_metrics)
+      epoch_images += t.batch_size
+      progress.update(1)
+      end_of_epoch = step % steps_per_epoch == 0
+      if end_of_epoch:
+        summary = _epoch_summary(epoch_metrics)
+        seconds = time.perf_counter() - epoch_start
+        summary.update(train.evaluate(eval_step, state, test_data, t.eval_batch_size))
+        summary.update(epoch=epoch + 1, step=step, learning_rate=float(schedule(step - 1)),
+                       images_per_s=epoch_images / seconds, epoch_s=seconds)
+        _check_finite(unchecked, name, step, stage.loss)
+        with open(metrics_path, 'a') as f:
+          f.write(json.dumps(summary) + '\n')
+        progress.set_postfix(loss=f"{summary['train_loss']:.3f}",
+                             test_acc=f"{summary['test_accuracy']:.3f}")
+        epoch_metrics, epoch_start, epoch_images = [], time.perf_counter(), 0
+      periodic = t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0
+      if step < total_steps and (end_of_epoch or periodic or preempted()):
+        save(False, unchecked)
+        unchecked = []
+      if preempted() and step < total_steps:
+        manager.wait_until_finished()
+        manager.close()
+        progress.close()
+        raise Preempted(f"[{name}] stopped by SIGTERM at step {step}; checkpoint saved in "
+                        f"{stage_dir}. Re-run the same command to resume.")
   progress.close()
 
   history = _read_metrics(metrics_path)
@@ -361,33 +325,63 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
       test_nontrue_mass=last['test_nontrue_mass'], test_entropy=last['test_entropy'],
       params=models.count_params(state.params), epochs=t.epochs,
       wall_s=wall_s_before + time.perf_counter() - start, compile_s=compile_s,
-      images_per_s=float(np.median([m['images_per_s'] for m in history])))
+      images_per_s=float(np.median([m['images_per_s'] for m in history])),
+      skipped_steps=int(sum(m.get('skipped_steps', 0) for m in history)))
   if multi_exit:
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     result.exits = {'test_accuracy': last['test_accuracy_exits'],
                     'ensemble_test_accuracy': last['test_accuracy_ensemble'],
                     'macs': models.exit_macs(student, variables, dataset.image_shape)}
-  _save(manager, state, {'final': True, 'wall_s': result.wall_s,
-                         'result': dataclasses.asdict(result)})
+  save(True, unchecked, result=dataclasses.asdict(result))
   manager.wait_until_finished()
   manager.close()
   return result
+
+
+@contextlib.contextmanager
+def _preemption_guard():
+  """Turns SIGTERM (a preemption notice) into a flag the training loop polls after each step."""
+  received = []
+  if threading.current_thread() is not threading.main_thread():
+    yield lambda: False  # signals can only be handled on the main thread.
+    return
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+  try:
+    yield lambda: bool(received)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _check_finite(step_metrics, name, step, loss_name) -> None:
+  """Raises if any step since the last check had a non-finite loss (policy 'stop')."""
+  if not step_metrics:
+    return
+  stacked = jax.device_get(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *step_metrics))
+  bad = ~np.isfinite(stacked['loss']) & (stacked['skipped'] == 0)  # skipped steps were undone.
+  if not bad.any():
+    return
+  first = int(np.argmax(bad))
+  at = step - len(step_metrics) + first + 1
+  blame = ('the teacher\'s logits were already non-finite' if not stacked['teacher_finite'][first]
+           else 'the student\'s logits were non-finite' if not stacked['student_finite'][first]
+           else 'the logits were finite, so a loss term itself overflowed')
+  raise KdjaxError(
+      f"stage '{name}': the '{loss_name}' loss became {stacked['loss'][first]} at step {at} "
+      f'({blame}). Nothing after the last good checkpoint was saved; lower the learning rate or '
+      "check the data and re-run to resume, or set --config.train.nan_policy=skip to drop such "
+      'steps.')
 
 
 def _loss_config(stage):
   return ml_collections.ConfigDict({'loss': stage.loss, **stage.kd.to_dict()})
 
 
-def _epoch_summary(epoch_metrics, name, epoch, step) -> dict:
+def _epoch_summary(epoch_metrics) -> dict:
   stacked = jax.device_get(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *epoch_metrics))
-  if not np.all(np.isfinite(stacked['loss'])):
-    bad = int(np.argmin(np.isfinite(stacked['loss'])))
-    raise KdjaxError(f"stage '{name}': the training loss became {stacked['loss'][bad]} at step "
-                     f'{step - len(epoch_metrics) + bad + 1} (epoch {epoch + 1}). The last good '
-                     'checkpoint is kept; lower the learning rate or check the data, then '
-                     're-run to resume from it.')
-  return {'train_loss': float(np.mean(stacked['loss'])),
-          'train_accuracy': float(np.mean(stacked['accuracy']))}
+  kept = stacked['skipped'] == 0
+  mean = lambda x: float(np.mean(x[kept])) if kept.any() else float('nan')
+  return {'train_loss': mean(stacked['loss']), 'train_accuracy': mean(stacked['accuracy']),
+          'skipped_steps': int((~kept).sum())}
 
 
 def _progress_bar(config, name, total, initial):
@@ -420,13 +414,52 @@ def load_dataset(config) -> kd_data.Dataset:
                       tfds_data_dir=config.data.tfds_data_dir or None)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> List[StageResult]:
-  """Runs every stage of `config` in `workdir` and writes the results table and plot."""
+# Settings that change how a run is shown or cached, never what it computes.
+RUNTIME_ONLY_KEYS = ('progress_bar', 'compilation_cache_dir')
+
+
+def _experiment_json(config) -> str:
+  settings = config.to_dict()
+  for key in RUNTIME_ONLY_KEYS:
+    settings.pop(key, None)
+  return ml_collections.ConfigDict(settings).to_json_best_effort(indent=2, sort_keys=True)
+
+
+def _claim_workdir(config, workdir: str, overwrite: bool) -> None:
+  """Records the config in `workdir`; refuses a different experiment unless `overwrite`."""
+  path = os.path.join(workdir, 'config.json')
+  wanted = _experiment_json(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      existing = f.read()
+    if existing != wanted:
+      if not overwrite:
+        raise KdjaxError(
+            f"'{workdir}' holds a run of a different config (see its config.json); kdjax will not "
+            'mix two experiments in one folder. Use another --workdir, re-run with the original '
+            'config to resume, or pass --overwrite to delete that run and start this one.')
+      print(f'--overwrite: deleting the earlier run in {workdir}.')
+      for entry in ('stages', 'results.json', 'results.md', 'test_accuracy.png',
+                    'exits_accuracy_vs_macs.png'):
+        target = os.path.join(workdir, entry)
+        if os.path.isdir(target):
+          shutil.rmtree(target)
+        elif os.path.exists(target):
+          os.remove(target)
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, 'w') as f:
+    f.write(wanted)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        overwrite: bool = False) -> List[StageResult]:
+  """Runs every stage of `config` in `workdir` and writes the results table and plot.
+
+  Every check (config, data, workdir) happens before anything is written.
+  """
   order = stage_order(config)
   dataset = load_dataset(config)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  _claim_workdir(config, workdir, overwrite)
   mean, std = kd_data.channel_stats(dataset.x_train)
   normalization = train.Normalization(jnp.asarray(mean), jnp.asarray(std))
   device_data = _device_data(dataset)

@@ -16,6 +16,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (get_config()).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and results.')
+flags.DEFINE_bool('overwrite', False, 'Delete an earlier run of a different config in --workdir.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -25,7 +26,7 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)  # Orbax logs every file it writes, and warns on reads.
   import jax
   from kdjax import experiment
-  from kdjax.errors import KdjaxError
+  from kdjax.errors import KdjaxError, Preempted
 
   config = FLAGS.config
   try:
@@ -39,10 +40,13 @@ def main(argv):
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   try:
-    experiment.run(config, FLAGS.workdir)
+    experiment.run(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
   except KdjaxError as e:
     print(f'kdjax: error: {e}', file=sys.stderr)
     sys.exit(2)
+  except Preempted as e:  # checkpoint saved; 143 = 128 + SIGTERM, as if the signal had ended it.
+    print(f'kdjax: {e}', file=sys.stderr)
+    sys.exit(143)
 
 
 def _first_line_naming_the_file(error: Exception) -> str:

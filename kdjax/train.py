@@ -140,8 +140,13 @@ def stage_loss(student_logits, teacher_logits, labels, loss_config, noise_key):
 def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
                     loss_config: ml_collections.ConfigDict,
                     augment_config: ml_collections.ConfigDict,
-                    normalization: Normalization) -> Callable:
-  """Builds the jitted train step for one stage (see the module docstring)."""
+                    normalization: Normalization, skip_nonfinite: bool = False) -> Callable:
+  """Builds the jitted train step for one stage (see the module docstring).
+
+  With `skip_nonfinite`, a step whose loss or updated parameters are not finite leaves the
+  parameters, statistics and optimiser state as they were (the step counter still advances) and
+  reports `skipped = 1`; otherwise the caller stops on the first non-finite loss.
+  """
   loss_config = ml_collections.FrozenConfigDict(loss_config)
   multi_exit = loss_config.loss in MULTI_EXIT_LOSSES
   padding, flip = augment_config.crop_padding, augment_config.flip
@@ -173,12 +178,29 @@ def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
       return loss, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads,
-                                  batch_stats=updates.get('batch_stats', state.batch_stats))
-    metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}
-    return state, metrics
+    new_state = state.apply_gradients(grads=grads,
+                                      batch_stats=updates.get('batch_stats', state.batch_stats))
+    finite = jnp.isfinite(loss) & _all_finite(new_state.params)
+    if skip_nonfinite:
+      keep_old = lambda new, old: jnp.where(finite, new, old)
+      new_state = new_state.replace(
+          params=jax.tree_util.tree_map(keep_old, new_state.params, state.params),
+          batch_stats=jax.tree_util.tree_map(keep_old, new_state.batch_stats, state.batch_stats),
+          opt_state=jax.tree_util.tree_map(keep_old, new_state.opt_state, state.opt_state))
+    metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
+               'skipped': jnp.logical_not(finite).astype(jnp.int32) if skip_nonfinite
+                          else jnp.zeros((), jnp.int32),
+               'student_finite': _all_finite(logits),
+               'teacher_finite': (_all_finite(teacher_logits) if teacher_logits is not None
+                                  else jnp.array(True))}
+    return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=0)
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def make_eval_step(normalization: Normalization, multi_exit: bool = False) -> Callable:

@@ -55,6 +55,7 @@ def get_config():
   config.train.eval_batch_size = 512
   config.train.checkpoint_every_steps = 0  # 0: only at the end of each epoch.
   config.train.checkpoints_to_keep = 3
+  config.train.nan_policy = 'stop'  # a non-finite loss stops the stage; 'skip' drops the step.
 
   config.model = ml_collections.ConfigDict()
   config.model.resnet_shortcut = 'zero_pad'  # He et al. option A; 'projection' = TAKD code.

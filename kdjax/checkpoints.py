@@ -1,0 +1,135 @@
+"""Orbax checkpoints of a stage: save, verify, fall back past damage, and load a teacher.
+
+A checkpoint `<stage>/checkpoints/<step>/` holds three items: `model` (params + batch_stats, all a
+later stage needs from this one as a teacher), `optimizer` (opt_state + step) and `meta` (JSON:
+`final`, accumulated `wall_s`, a SHA-256 `fingerprint` of the model and optimizer arrays, and for
+the final checkpoint the stage's result row).
+
+Orbax writes into a temporary folder and renames it when complete, so a kill mid-save leaves the
+previous checkpoint as the latest. Damage after that (a truncated or corrupted file, an edited
+array) is caught on restore — by Orbax, or by the fingerprint — and kdjax falls back to the
+newest checkpoint that is intact, saying so; it never trains on from garbage silently.
+"""
+
+import hashlib
+import os
+import shutil
+from typing import Optional, Tuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from kdjax.errors import KdjaxError
+
+
+def manager(directory: str, keep: Optional[int], read_only: bool = False):
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                         read_only=read_only)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_names=('model', 'optimizer', 'meta'))
+
+
+def fingerprint(tree) -> str:
+  """SHA-256 over the bytes, dtypes and shapes of every array leaf, in tree order."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree_util.tree_leaves(tree):
+    array = np.asarray(leaf)
+    digest.update(f'{array.dtype}{array.shape}'.encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
+
+
+def _items(state):
+  return ({'params': state.params, 'batch_stats': state.batch_stats},
+          {'opt_state': state.opt_state, 'step': state.step})
+
+
+def save(mgr, state, meta: dict) -> None:
+  """Saves `state` asynchronously from a host copy (the next step donates the device buffers)."""
+  model, optimizer = jax.device_get(_items(state))
+  meta = {**meta, 'fingerprint': fingerprint((model, optimizer))}
+  mgr.save(int(optimizer['step']), args=ocp.args.Composite(
+      model=ocp.args.StandardSave(model), optimizer=ocp.args.StandardSave(optimizer),
+      meta=ocp.args.JsonSave(meta)))
+
+
+def _restore(mgr, step: int, abstract_state):
+  shapes = lambda tree: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+  model, optimizer = _items(abstract_state)
+  restored = mgr.restore(step, args=ocp.args.Composite(
+      model=ocp.args.StandardRestore(shapes(model)),
+      optimizer=ocp.args.StandardRestore(shapes(optimizer)), meta=ocp.args.JsonRestore()))
+  meta = restored.meta
+  if meta.get('fingerprint') != fingerprint((restored.model, restored.optimizer)):
+    raise ValueError('the arrays do not match the fingerprint saved with them')
+  state = abstract_state.replace(
+      params=restored.model['params'], batch_stats=restored.model['batch_stats'],
+      opt_state=restored.optimizer['opt_state'], step=restored.optimizer['step'])
+  return state, meta
+
+
+def restore_latest_good(mgr, abstract_state, where: str) -> Tuple[Optional[int], dict, object]:
+  """The newest intact checkpoint as `(step, meta, state)`, or `(None, {}, None)` if none exist.
+
+  A damaged checkpoint is reported and skipped. If checkpoints exist but none is intact, raises
+  a `KdjaxError` naming the folder.
+  """
+  steps = sorted(mgr.all_steps(), reverse=True)
+  damaged = []
+  for step in steps:
+    try:
+      state, meta = _restore(mgr, step, abstract_state)
+    except Exception as e:  # Orbax/TensorStore errors, bad JSON, a fingerprint mismatch.
+      print(f'[{where}] checkpoint {step} in {mgr.directory} is damaged '
+            f'({type(e).__name__}: {str(e).splitlines()[0][:200]}); falling back to an older one.')
+      damaged.append(step)
+      continue
+    _quarantine(mgr, damaged, where)
+    return step, meta, state
+  if steps:
+    raise KdjaxError(f'[{where}] every checkpoint in {mgr.directory} is damaged (steps {steps}); '
+                     'nothing safe to resume from. Delete that folder to restart the stage.')
+  return None, {}, None
+
+
+def _quarantine(mgr, steps, where: str) -> None:
+  """Moves damaged checkpoints aside (kept for inspection) so the resumed stage can save anew."""
+  if not steps:
+    return
+  aside = os.path.join(os.path.dirname(str(mgr.directory)), 'damaged_checkpoints')
+  os.makedirs(aside, exist_ok=True)
+  for step in steps:
+    target = os.path.join(aside, f'{step}')
+    if os.path.exists(target):
+      shutil.rmtree(target)
+    shutil.move(os.path.join(str(mgr.directory), str(step)), target)
+  print(f'[{where}] moved damaged checkpoints {steps} to {aside}.')
+  mgr.reload()
+
+
+def load_final_variables(stage_dir: str, shapes) -> dict:
+  """The `{params, batch_stats}` of a finished stage, for use as a teacher.
+
+  Args:
+    stage_dir: the teacher stage's folder.
+    shapes: `models.variable_shapes(...)` of the model the config names for that stage.
+  """
+  mgr = manager(os.path.join(stage_dir, 'checkpoints'), keep=None, read_only=True)
+  step = mgr.latest_step()
+  try:
+    meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta \
+        if step is not None else {}
+  except Exception:  # damaged metadata: treated as unfinished, and the message says what to do.
+    meta = {}
+  if not meta.get('final'):
+    raise KdjaxError(f"no intact final checkpoint in '{stage_dir}'; the teacher stage must "
+                     'finish first (re-run the same command to resume it).')
+  try:
+    restored = mgr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(shapes)))
+  except Exception as e:  # a tree or shape mismatch, in Orbax's words.
+    raise KdjaxError(f"the checkpoint in '{stage_dir}' does not match the model the config "
+                     f'names for that stage ({type(e).__name__}: {str(e)[:300]}). Use the model it '
+                     'was trained with, or delete the stage folder to retrain it.') from e
+  mgr.close()
+  return restored.model
