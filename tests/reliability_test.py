@@ -1,0 +1,214 @@
+"""Killed, preempted, corrupted and repeated runs: each ends where an uninterrupted run ends."""
+
+import glob
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import REPO, cli_command, run_cli
+
+TINY = 'tests/configs/tiny_chain.py'
+TIMING_KEYS = {'wall_s', 'compile_s', 'images_per_s', 'finished_at'}
+
+
+def final_arrays(workdir, stage):
+  """The final checkpoint's params and batch_stats of `stage`, as numpy leaves."""
+  directory = os.path.join(workdir, 'stages', stage, 'checkpoints')
+  mgr = ocp.CheckpointManager(directory, item_names=('model', 'meta'),
+                              options=ocp.CheckpointManagerOptions(read_only=True))
+  step = mgr.latest_step()
+  restored = mgr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(),
+                                                       meta=ocp.args.JsonRestore()))
+  assert restored.meta['final']
+  import jax
+  return step, [np.asarray(x) for x in jax.tree_util.tree_leaves(restored.model)]
+
+
+def assert_same_final_state(workdir_a, workdir_b):
+  for stage in ('teacher', 'student'):
+    step_a, a = final_arrays(workdir_a, stage)
+    step_b, b = final_arrays(workdir_b, stage)
+    assert step_a == step_b and len(a) == len(b)
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(x, y)  # bitwise: same program, same inputs, same order.
+
+
+def results_without_timing(workdir):
+  results = json.loads((workdir / 'results.json').read_text())
+  results.pop('finished_at')
+  for stage in results['stages']:
+    for key in TIMING_KEYS:
+      stage.pop(key, None)
+  return results
+
+
+@pytest.fixture(scope='module')
+def reference_run(cli_env, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('reference') / 'run'
+  done = run_cli(cli_env, workdir, TINY)
+  assert done.returncode == 0, done.stderr
+  return workdir
+
+
+def start(cli_env, workdir):
+  overrides = (f"--config.compilation_cache_dir={cli_env['KDJAX_TEST_CACHE']}",)
+  return subprocess.Popen(cli_command(workdir, TINY, *overrides), cwd=REPO, env=cli_env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, process, timeout=180):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if condition():
+      return
+    if process.poll() is not None:
+      pytest.fail(f'the run ended before the kill point: {process.communicate()}')
+    time.sleep(0.02)
+  process.kill()
+  pytest.fail('kill point not reached in time')
+
+
+def checkpoint_steps(workdir, stage):
+  return [int(os.path.basename(p)) for p in
+          glob.glob(os.path.join(workdir, 'stages', stage, 'checkpoints', '*'))
+          if os.path.basename(p).isdigit()]
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_sigkill_at_a_random_point_resumes_bitwise(cli_env, tmp_path, reference_run, seed):
+  rng = random.Random(seed)
+  stage = rng.choice(['teacher', 'student'])
+  threshold = rng.choice([10, 30, 50, 90, 150])  # steps; epochs are 44 steps long.
+  workdir = tmp_path / 'run'
+  process = start(cli_env, workdir)
+  wait_for(lambda: any(s >= threshold for s in checkpoint_steps(workdir, stage)), process)
+  time.sleep(rng.uniform(0, 0.3))  # land mid-step or mid-save.
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  resumed = run_cli(cli_env, workdir, TINY)
+  assert resumed.returncode == 0, resumed.stderr
+  assert_same_final_state(reference_run, workdir)
+  assert results_without_timing(reference_run) == results_without_timing(workdir)
+
+
+def test_sigkill_between_stages_resumes_bitwise(cli_env, tmp_path, reference_run):
+  workdir = tmp_path / 'run'
+  process = start(cli_env, workdir)
+  final_teacher = max(checkpoint_steps(reference_run, 'teacher'))
+  wait_for(lambda: final_teacher in checkpoint_steps(workdir, 'teacher') and
+           os.path.exists(os.path.join(workdir, 'stages', 'teacher', 'checkpoints',
+                                       str(final_teacher), 'commit_success.txt')), process)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  resumed = run_cli(cli_env, workdir, TINY)
+  assert resumed.returncode == 0, resumed.stderr
+  assert '[teacher] finished earlier' in resumed.stdout
+  assert_same_final_state(reference_run, workdir)
+
+
+def test_sigterm_saves_and_exits_within_seconds(cli_env, tmp_path, reference_run):
+  workdir = tmp_path / 'run'
+  process = start(cli_env, workdir)
+  wait_for(lambda: any(s >= 20 for s in checkpoint_steps(workdir, 'teacher')), process)
+  sent = time.time()
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=30)
+  assert time.time() - sent < 10
+  assert process.returncode == 143 and 'stopped by SIGTERM' in stderr
+  assert 'Traceback' not in stderr
+  resumed = run_cli(cli_env, workdir, TINY)
+  assert resumed.returncode == 0, resumed.stderr
+  assert_same_final_state(reference_run, workdir)
+
+
+def damage(path, how):
+  data = bytearray(open(path, 'rb').read())
+  if how == 'truncate':
+    data = data[:len(data) // 3]
+  else:
+    for i in range(len(data) // 2, min(len(data), len(data) // 2 + 64)):
+      data[i] ^= 0xFF
+  open(path, 'wb').write(bytes(data))
+
+
+@pytest.mark.parametrize('how,target', [
+    ('flip', 'model/ocdbt.process_0/d/*'),       # Orbax restores these bytes without complaint.
+    ('truncate', 'model/ocdbt.process_0/d/*'),
+    ('truncate', 'meta/metadata'),
+])
+def test_damaged_latest_checkpoint_falls_back(cli_env, tmp_path, reference_run, how, target):
+  workdir = tmp_path / 'run'
+  subprocess.run(['cp', '-r', str(reference_run), str(workdir)], check=True)
+  latest = max(checkpoint_steps(workdir, 'teacher'))
+  files = glob.glob(os.path.join(workdir, 'stages', 'teacher', 'checkpoints', str(latest),
+                                 target))
+  assert files
+  for path in files:
+    damage(path, how)
+  resumed = run_cli(cli_env, workdir, TINY)
+  assert resumed.returncode == 0, resumed.stderr
+  assert f'checkpoint {latest}' in resumed.stdout and 'damaged' in resumed.stdout
+  assert os.path.isdir(os.path.join(workdir, 'stages', 'teacher', 'damaged_checkpoints',
+                                    str(latest)))
+  assert_same_final_state(reference_run, workdir)  # retrained from the older one, bitwise.
+
+
+def test_every_checkpoint_damaged_stops_with_the_path(cli_env, tmp_path, reference_run):
+  workdir = tmp_path / 'run'
+  subprocess.run(['cp', '-r', str(reference_run), str(workdir)], check=True)
+  for path in glob.glob(os.path.join(workdir, 'stages', 'teacher', 'checkpoints', '*',
+                                     'model', 'ocdbt.process_0', 'd', '*')):
+    damage(path, 'flip')
+  done = run_cli(cli_env, workdir, TINY)
+  assert done.returncode == 2 and 'every checkpoint in' in done.stderr
+  assert 'stages/teacher/checkpoints' in done.stderr and 'Traceback' not in done.stderr
+
+
+def test_nan_loss_stops_or_is_skipped(cli_env, tmp_path):
+  overrides = ('--config.train.learning_rate=1e30', '--config.train.epochs=1')
+  stopped = run_cli(cli_env, tmp_path / 'stop', TINY, *overrides)
+  assert stopped.returncode == 2
+  assert "the 'ce' loss became nan at step" in stopped.stderr
+  assert checkpoint_steps(tmp_path / 'stop', 'teacher') == []  # nothing non-finite was saved.
+  skipped = run_cli(cli_env, tmp_path / 'skip', TINY, *overrides,
+                    '--config.train.nan_policy=skip')
+  assert skipped.returncode == 0, skipped.stderr
+  teacher = json.loads((tmp_path / 'skip' / 'results.json').read_text())['stages'][0]
+  assert teacher['skipped_steps'] > 0
+
+
+def test_same_seed_same_results(cli_env, tmp_path, reference_run):
+  again = tmp_path / 'again'
+  assert run_cli(cli_env, again, TINY).returncode == 0
+  assert results_without_timing(again) == results_without_timing(reference_run)
+  other_seed = tmp_path / 'seed1'
+  assert run_cli(cli_env, other_seed, TINY, '--config.seed=1').returncode == 0
+  assert results_without_timing(other_seed) != results_without_timing(reference_run)
+
+
+def tree_digest(folder):
+  digest = hashlib.sha256()
+  for path in sorted(glob.glob(os.path.join(folder, '**'), recursive=True)):
+    if os.path.isfile(path):
+      digest.update(path.encode() + open(path, 'rb').read())
+  return digest.hexdigest()
+
+
+def test_a_different_config_in_a_used_workdir_is_refused(cli_env, tmp_path, reference_run):
+  workdir = tmp_path / 'run'
+  subprocess.run(['cp', '-r', str(reference_run), str(workdir)], check=True)
+  before = tree_digest(workdir)
+  refused = run_cli(cli_env, workdir, TINY, '--config.train.epochs=2')
+  assert refused.returncode == 2 and 'different config' in refused.stderr
+  assert tree_digest(workdir) == before
+  replaced = run_cli(cli_env, workdir, TINY, '--config.train.epochs=1', '--overwrite')
+  assert replaced.returncode == 0, replaced.stderr
+  assert json.loads((workdir / 'results.json').read_text())['stages'][0]['epochs'] == 1
