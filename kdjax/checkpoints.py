@@ -88,8 +88,10 @@ def restore_latest_good(mgr, abstract_state, where: str) -> Tuple[Optional[int],
     _quarantine(mgr, damaged, where)
     return step, meta, state
   if steps:
-    raise KdjaxError(f'[{where}] every checkpoint in {mgr.directory} is damaged (steps {steps}); '
-                     'nothing safe to resume from. Delete that folder to restart the stage.')
+    raise KdjaxError(f'[{where}] every checkpoint in {mgr.directory} failed to restore (steps '
+                     f'{steps}): they are damaged, or were written for a different model than '
+                     'the config names. Nothing safe to resume from; delete that folder to '
+                     'restart the stage.')
   return None, {}, None
 
 

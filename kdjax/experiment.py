@@ -218,9 +218,6 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
   model_kwargs = {'shortcut': config.model.resnet_shortcut}
   student = models.get_model(stage.model, dataset.num_classes, **model_kwargs)
   num_train = dataset.x_train.shape[0]
-  if t.batch_size > num_train:
-    raise KdjaxError(f"stage '{name}': batch_size {t.batch_size} exceeds the {num_train} "
-                     'training images; lower --config.train.batch_size.')
   steps_per_epoch = num_train // t.batch_size  # the last partial batch is dropped, as usual.
   total_steps = t.epochs * steps_per_epoch
   schedule = train.learning_rate_schedule(t, steps_per_epoch, stage.model)
@@ -414,6 +411,23 @@ def load_dataset(config) -> kd_data.Dataset:
                       tfds_data_dir=config.data.tfds_data_dir or None)
 
 
+def _check_against_data(config, order, dataset: kd_data.Dataset) -> None:
+  """The checks that need the data: batch sizes, class counts, and models' input sizes."""
+  num_train = len(dataset.x_train)
+  for name in order:
+    stage = stage_config(config, name)
+    if stage.train.batch_size > num_train:
+      raise KdjaxError(f"stage '{name}': batch_size {stage.train.batch_size} exceeds the "
+                       f'{num_train} training images; lower --config.train.batch_size.')
+    if stage.kd.eta < 1 and stage.kd.tsd_k >= dataset.num_classes:
+      raise KdjaxError(f"stage '{name}': tsd_k = {stage.kd.tsd_k} needs more than "
+                       f'{dataset.num_classes} classes; set --config.kd.tsd_k below the number '
+                       'of classes.')
+    model = models.get_model(stage.model, dataset.num_classes,
+                             shortcut=config.model.resnet_shortcut)
+    models.variable_shapes(model, dataset.image_shape)  # raises if the images are too small.
+
+
 # Settings that change how a run is shown or cached, never what it computes.
 RUNTIME_ONLY_KEYS = ('progress_bar', 'compilation_cache_dir')
 
@@ -459,6 +473,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   """
   order = stage_order(config)
   dataset = load_dataset(config)
+  _check_against_data(config, order, dataset)
   _claim_workdir(config, workdir, overwrite)
   mean, std = kd_data.channel_stats(dataset.x_train)
   normalization = train.Normalization(jnp.asarray(mean), jnp.asarray(std))

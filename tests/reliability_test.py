@@ -168,7 +168,7 @@ def test_every_checkpoint_damaged_stops_with_the_path(cli_env, tmp_path, referen
                                      'model', 'ocdbt.process_0', 'd', '*')):
     damage(path, 'flip')
   done = run_cli(cli_env, workdir, TINY)
-  assert done.returncode == 2 and 'every checkpoint in' in done.stderr
+  assert done.returncode == 2 and 'every checkpoint in' in done.stderr and 'damaged' in done.stderr
   assert 'stages/teacher/checkpoints' in done.stderr and 'Traceback' not in done.stderr
 
 
