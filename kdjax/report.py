@@ -48,21 +48,12 @@ def multi_exit_table(rows: List[dict]) -> str:
 
 
 def plot_exits(rows: List[dict], path: str) -> None:
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-  for r in rows:
-    if r.get('exits'):
-      ax.plot([m / 1e6 for m in r['exits']['macs']],
-              [100 * a for a in r['exits']['test_accuracy']], marker='o', label=r['name'])
-  ax.set_xlabel('MACs per image to reach the exit (millions)')
-  ax.set_ylabel('test accuracy (%)')
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  def draw(ax):
+    for r in rows:
+      if r.get('exits'):
+        ax.plot([m / 1e6 for m in r['exits']['macs']],
+                [100 * a for a in r['exits']['test_accuracy']], marker='o', label=r['name'])
+  _save_plot(path, 'MACs per image to reach the exit (millions)', 'test accuracy (%)', draw)
 
 
 def write(workdir: str, dataset, rows: List[dict], histories: Dict[str, List[dict]]) -> None:
@@ -88,15 +79,21 @@ def write(workdir: str, dataset, rows: List[dict], histories: Dict[str, List[dic
 
 
 def plot_test_accuracy(histories: Dict[str, List[dict]], path: str) -> None:
+  def draw(ax):
+    for name, history in histories.items():
+      ax.plot([m['epoch'] for m in history], [100 * m['test_accuracy'] for m in history],
+              marker='.', label=name)
+  _save_plot(path, 'epoch', 'test accuracy (%)', draw)
+
+
+def _save_plot(path: str, xlabel: str, ylabel: str, draw) -> None:
   import matplotlib  # imported here: only the end of a run draws.
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-  for name, history in histories.items():
-    ax.plot([m['epoch'] for m in history], [100 * m['test_accuracy'] for m in history],
-            marker='.', label=name)
-  ax.set_xlabel('epoch')
-  ax.set_ylabel('test accuracy (%)')
+  draw(ax)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()

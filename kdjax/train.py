@@ -6,7 +6,6 @@ normalised inside `jit`, the teacher (if any) runs in inference mode under `stop
 student takes one SGD step. The state argument is donated.
 """
 
-import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn

@@ -1,3 +1,5 @@
+import glob
+import hashlib
 import os
 import subprocess
 import sys
@@ -40,3 +42,24 @@ def write_npz(path, image_shape=(6, 6, 3), num_train=20, num_test=8, num_classes
   arrays.update(changes)
   np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
   return str(path)
+
+
+def numeric_gradient(f, x, eps=1e-5):
+  """Central finite differences of a float64 numpy function `f` at `x`."""
+  x = np.asarray(x, np.float64)
+  grad = np.zeros_like(x)
+  for index in np.ndindex(x.shape):
+    up, down = x.copy(), x.copy()
+    up[index] += eps
+    down[index] -= eps
+    grad[index] = (f(up) - f(down)) / (2 * eps)
+  return grad
+
+
+def folder_digest(folder):
+  """SHA-256 over every file's path and bytes below `folder`."""
+  digest = hashlib.sha256()
+  for path in sorted(glob.glob(os.path.join(folder, '**'), recursive=True)):
+    if os.path.isfile(path):
+      digest.update(path.encode() + open(path, 'rb').read())
+  return digest.hexdigest()

@@ -1,9 +1,6 @@
 """The command line end to end: a chain runs, resumes after SIGKILL, and refuses bad input."""
 
-import glob
-import hashlib
 import json
-import os
 import re
 import signal
 import subprocess
@@ -12,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, cli_command, run_cli, write_npz
+from conftest import REPO, cli_command, folder_digest, run_cli, write_npz
 
 TINY = 'tests/configs/tiny_chain.py'
 
@@ -147,14 +144,6 @@ def existing_run(cli_env, tmp_path_factory):
   done = run_cli(cli_env, workdir, TINY, '--config.train.epochs=1')
   assert done.returncode == 0, done.stderr
   return workdir
-
-
-def folder_digest(folder):
-  digest = hashlib.sha256()
-  for path in sorted(glob.glob(os.path.join(folder, '**'), recursive=True)):
-    if os.path.isfile(path):
-      digest.update(path.encode() + open(path, 'rb').read())
-  return digest.hexdigest()
 
 
 def test_the_bad_input_table_is_large_enough():

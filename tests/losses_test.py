@@ -1,15 +1,15 @@
 """Losses against numpy written independently here, finite differences, and known limits."""
 
-import chex
 import hypothesis
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kdjax
+
+from conftest import numeric_gradient
 
 
 def np_log_softmax(z):
@@ -62,14 +62,7 @@ def test_gradient_matches_finite_differences():
   s, t, y = random_batch(3, batch=3, classes=4, scale=1.0)
   f = lambda z: kdjax.losses.distillation_loss(z, t, y, temperature=2.5, kd_weight=0.7)
   grad = np.asarray(jax.grad(f)(s), np.float64)
-  f64 = lambda z: np_distillation(z, t, y, 2.5, 0.7)
-  eps = 1e-5
-  numeric = np.zeros_like(grad)
-  for index in np.ndindex(s.shape):
-    up, down = s.astype(np.float64), s.astype(np.float64)
-    up[index] += eps
-    down[index] -= eps
-    numeric[index] = (f64(up) - f64(down)) / (2 * eps)
+  numeric = numeric_gradient(lambda z: np_distillation(z, t, y, 2.5, 0.7), s)
   np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-6)
 
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 import kdjax
+
+from conftest import numeric_gradient
 from kdjax import losses
 from kdjax.models import multi_exit
 
@@ -151,12 +153,7 @@ def test_mate_gradient_matches_finite_differences():
   grad = np.asarray(jax.grad(f)(z), np.float64)
   mixing = np.array([[0.7, 0.3], [0.3, 0.7]])
   ref = lambda zz: np_exit_loss(zz, t.astype(np.float64), mixing, y, 2.0, 0.6)
-  numeric = np.zeros_like(grad)
-  for i in np.ndindex(z.shape):
-    up, down = z.astype(np.float64), z.astype(np.float64)
-    up[i] += 1e-5
-    down[i] -= 1e-5
-    numeric[i] = (ref(up) - ref(down)) / 2e-5
+  numeric = numeric_gradient(ref, z, eps=1e-5)
   np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-6)
 
 

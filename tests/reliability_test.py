@@ -1,7 +1,6 @@
 """Killed, preempted, corrupted and repeated runs: each ends where an uninterrupted run ends."""
 
 import glob
-import hashlib
 import json
 import os
 import random
@@ -13,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, cli_command, run_cli
+from conftest import REPO, cli_command, folder_digest, run_cli
 
 TINY = 'tests/configs/tiny_chain.py'
 TIMING_KEYS = {'wall_s', 'compile_s', 'images_per_s', 'finished_at'}
@@ -194,21 +193,13 @@ def test_same_seed_same_results(cli_env, tmp_path, reference_run):
   assert results_without_timing(other_seed) != results_without_timing(reference_run)
 
 
-def tree_digest(folder):
-  digest = hashlib.sha256()
-  for path in sorted(glob.glob(os.path.join(folder, '**'), recursive=True)):
-    if os.path.isfile(path):
-      digest.update(path.encode() + open(path, 'rb').read())
-  return digest.hexdigest()
-
-
 def test_a_different_config_in_a_used_workdir_is_refused(cli_env, tmp_path, reference_run):
   workdir = tmp_path / 'run'
   subprocess.run(['cp', '-r', str(reference_run), str(workdir)], check=True)
-  before = tree_digest(workdir)
+  before = folder_digest(workdir)
   refused = run_cli(cli_env, workdir, TINY, '--config.train.epochs=2')
   assert refused.returncode == 2 and 'different config' in refused.stderr
-  assert tree_digest(workdir) == before
+  assert folder_digest(workdir) == before
   replaced = run_cli(cli_env, workdir, TINY, '--config.train.epochs=1', '--overwrite')
   assert replaced.returncode == 0, replaced.stderr
   assert json.loads((workdir / 'results.json').read_text())['stages'][0]['epochs'] == 1

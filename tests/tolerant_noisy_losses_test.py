@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 import kdjax
+
+from conftest import numeric_gradient
 from kdjax import losses
 
 
@@ -57,12 +59,7 @@ def test_tsd_gradient_matches_finite_differences():
   grad = np.asarray(jax.grad(f)(z), np.float64)
   ref = lambda x: np.mean(0.6 * -np.log(np_softmax(x)[np.arange(2), y]) +
                           0.4 * np_tsd(x, y, 3, 'softmax'))
-  numeric = np.zeros_like(grad)
-  for i in np.ndindex(z.shape):
-    up, down = z.astype(np.float64), z.astype(np.float64)
-    up[i] += 1e-5
-    down[i] -= 1e-5
-    numeric[i] = (ref(up) - ref(down)) / 2e-5
+  numeric = numeric_gradient(ref, z, eps=1e-5)
   np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-6)
 
 
@@ -142,12 +139,7 @@ def test_logit_l2_gradient_matches_finite_differences():
   t, _ = batch(13, b=3, c=4)
   grad = np.asarray(jax.grad(losses.logit_l2_loss)(s, t), np.float64)
   ref = lambda x: np.mean(0.5 * ((x - t.astype(np.float64))**2).sum(-1))
-  numeric = np.zeros_like(grad)
-  for i in np.ndindex(s.shape):
-    up, down = s.astype(np.float64), s.astype(np.float64)
-    up[i] += 1e-5
-    down[i] -= 1e-5
-    numeric[i] = (ref(up) - ref(down)) / 2e-5
+  numeric = numeric_gradient(ref, s, eps=1e-5)
   np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-7)
 
 

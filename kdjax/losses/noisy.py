@@ -9,7 +9,6 @@ import jax.numpy as jnp
 
 from kdjax.errors import KdjaxError
 from kdjax.losses import _checks
-from kdjax.losses import classification
 
 
 def perturb_logits(key: jax.Array, logits: chex.Array, *, alpha: float,
