@@ -297,6 +297,7 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
         summary.update(epoch=epoch + 1, step=step, learning_rate=float(schedule(step - 1)),
                        images_per_s=epoch_images / seconds, epoch_s=seconds)
         _check_finite(unchecked, name, step, stage.loss)
+        unchecked = []  # checked: the save below need not fetch them again.
         with open(metrics_path, 'a') as f:
           f.write(json.dumps(summary) + '\n')
         progress.set_postfix(loss=f"{summary['train_loss']:.3f}",
@@ -353,7 +354,7 @@ def _check_finite(step_metrics, name, step, loss_name) -> None:
   """Raises if any step since the last check had a non-finite loss (policy 'stop')."""
   if not step_metrics:
     return
-  stacked = jax.device_get(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *step_metrics))
+  stacked = _stack_on_host(step_metrics)
   bad = ~np.isfinite(stacked['loss']) & (stacked['skipped'] == 0)  # skipped steps were undone.
   if not bad.any():
     return
@@ -373,8 +374,13 @@ def _loss_config(stage):
   return ml_collections.ConfigDict({'loss': stage.loss, **stage.kd.to_dict()})
 
 
+def _stack_on_host(step_metrics) -> dict:
+  """Per-step metric dicts (device scalars) → one dict of numpy arrays, in one transfer."""
+  return jax.device_get(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *step_metrics))
+
+
 def _epoch_summary(epoch_metrics) -> dict:
-  stacked = jax.device_get(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *epoch_metrics))
+  stacked = _stack_on_host(epoch_metrics)
   kept = stacked['skipped'] == 0
   mean = lambda x: float(np.mean(x[kept])) if kept.any() else float('nan')
   return {'train_loss': mean(stacked['loss']), 'train_accuracy': mean(stacked['accuracy']),
@@ -453,8 +459,7 @@ def _claim_workdir(config, workdir: str, overwrite: bool) -> None:
             'mix two experiments in one folder. Use another --workdir, re-run with the original '
             'config to resume, or pass --overwrite to delete that run and start this one.')
       print(f'--overwrite: deleting the earlier run in {workdir}.')
-      for entry in ('stages', 'results.json', 'results.md', 'test_accuracy.png',
-                    'exits_accuracy_vs_macs.png'):
+      for entry in ('stages', *report.OUTPUT_FILES):
         target = os.path.join(workdir, entry)
         if os.path.isdir(target):
           shutil.rmtree(target)

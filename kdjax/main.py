@@ -32,9 +32,7 @@ def main(argv):
   try:
     config.keys()
   except (IOError, OSError) as e:  # config_flags loads the file lazily, on first access.
-    print(f'kdjax: error: cannot load --config: {_first_line_naming_the_file(e)}; give the path '
-          'of a Python file that defines get_config().', file=sys.stderr)
-    sys.exit(2)
+    _exit_config_not_loaded(e)
   if config.get('compilation_cache_dir'):
     # Compiled steps are reused across runs and resumes instead of recompiled.
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
@@ -49,9 +47,12 @@ def main(argv):
     sys.exit(143)
 
 
-def _first_line_naming_the_file(error: Exception) -> str:
+def _exit_config_not_loaded(error: Exception) -> None:
   lines = [l.strip() for l in str(error).splitlines() if l.strip()]
-  return next((l for l in lines if 'No such file' in l or 'Error' in l), lines[-1])
+  reason = next((l for l in lines if 'No such file' in l or 'Error' in l), lines[-1])
+  print(f'kdjax: error: cannot load --config: {reason}; give the path of a Python file that '
+        'defines get_config().', file=sys.stderr)
+  sys.exit(2)
 
 
 def parse_flags(argv):
@@ -59,8 +60,7 @@ def parse_flags(argv):
   try:
     return FLAGS(argv)
   except (IOError, OSError) as e:  # the config file is missing or does not import.
-    print(f'kdjax: error: cannot load --config: {_first_line_naming_the_file(e)}; give the path '
-          'of a Python file that defines get_config().', file=sys.stderr)
+    _exit_config_not_loaded(e)
   except flags.Error as e:
     print(f'kdjax: error: {e}\nPass --helpfull to see the flags.', file=sys.stderr)
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by config overrides.

@@ -7,6 +7,9 @@ from typing import Dict, List
 
 import jax
 
+# Everything `write` puts in a workdir (beside `config.json` and `stages/`).
+OUTPUT_FILES = ('results.json', 'results.md', 'test_accuracy.png', 'exits_accuracy_vs_macs.png')
+
 TABLE_COLUMNS = (('stage', 'name'), ('model', 'model'), ('teacher', 'teacher'),
                  ('loss', 'loss'), ('test accuracy (%)', 'test_accuracy'),
                  ('non-true mass', 'test_nontrue_mass'), ('entropy (nats)', 'test_entropy'),
@@ -25,7 +28,12 @@ def markdown_table(rows: List[dict]) -> str:
         row['name'], row['model'], row['teacher'] or '—', row['loss'],
         f"{100 * row['test_accuracy']:.2f}", f"{row['test_nontrue_mass']:.4f}",
         f"{row['test_entropy']:.4f}", f"{row['params']:,}", f"{row['wall_s']:.1f}"])
-  widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE_COLUMNS))]
+  return _format_table(cells)
+
+
+def _format_table(cells: List[List[str]]) -> str:
+  """A markdown table from a header row and body rows, columns padded to align."""
+  widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
   line = lambda c: '| ' + ' | '.join(x.ljust(w) for x, w in zip(c, widths)) + ' |'
   return '\n'.join([line(cells[0]), '|' + '|'.join('-' * (w + 2) for w in widths) + '|',
                     *map(line, cells[1:])])
@@ -39,12 +47,9 @@ def multi_exit_table(rows: List[dict]) -> str:
   macs = rows[0]['exits']['macs']
   header = ['stage'] + [f'exit {i + 1} ({m / 1e6:.2f}M MACs)' for i, m in enumerate(macs)] + [
       'ensemble']
-  lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
-  for r in rows:
-    accs = [f'{100 * a:.2f}' for a in r['exits']['test_accuracy']]
-    lines.append('| ' + ' | '.join([r['name'], *accs,
-                                    f"{100 * r['exits']['ensemble_test_accuracy']:.2f}"]) + ' |')
-  return '\n'.join(lines)
+  body = [[r['name'], *[f'{100 * a:.2f}' for a in r['exits']['test_accuracy']],
+           f"{100 * r['exits']['ensemble_test_accuracy']:.2f}"] for r in rows]
+  return _format_table([header, *body])
 
 
 def plot_exits(rows: List[dict], path: str) -> None:

@@ -227,10 +227,9 @@ def make_eval_step(normalization: Normalization, multi_exit: bool = False) -> Ca
       logits = exit_logits[-1]
     per_example = losses.cross_entropy(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels)
+    nontrue = 1.0 - jnp.exp(-per_example)  # CE = −log p_true.
     log_probs = jax.nn.log_softmax(logits)
-    probs = jnp.exp(log_probs)
-    nontrue = 1.0 - jnp.take_along_axis(probs, labels[:, None], axis=-1)[:, 0]
-    entropy = -jnp.sum(probs * log_probs, axis=-1)
+    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
     return {'loss': total(per_example), 'correct': total(correct), 'count': jnp.sum(mask),
             'nontrue_mass': total(nontrue), 'entropy': total(entropy), **extra}
 

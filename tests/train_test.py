@@ -132,3 +132,22 @@ def test_stage_losses_compose_the_public_losses():
                              rtol=1e-6)
   noisy = loss_config('noisy_l2', noise_alpha=1.0, noise_sigma=0.5)
   assert abs(float(train.stage_loss(s, t, y, noisy, key)) - l2) > 1e-3  # noise really applied.
+
+
+def test_evaluate_matches_numpy_over_a_padded_last_batch():
+  _, state, data = make_step(None, loss='ce')
+  norm = train.Normalization(jnp.full((1,), 0.5), jnp.full((1,), 0.25))
+  got = train.evaluate(train.make_eval_step(norm), state, data, batch_size=6)  # 16 = 6 + 6 + 4.
+  images = (np.asarray(data.images, np.float32) / 255.0 - 0.5) / 0.25
+  logits = np.asarray(state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                                     images, train=False), np.float64)
+  labels = np.asarray(data.labels)
+  log_probs = logits - logits.max(-1, keepdims=True)
+  log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+  probs = np.exp(log_probs)
+  np.testing.assert_allclose(got['test_accuracy'], np.mean(logits.argmax(-1) == labels))
+  np.testing.assert_allclose(got['test_loss'], -log_probs[np.arange(16), labels].mean(),
+                             rtol=1e-5)
+  np.testing.assert_allclose(got['test_nontrue_mass'], 1 - probs[np.arange(16), labels].mean(),
+                             rtol=1e-5)
+  np.testing.assert_allclose(got['test_entropy'], -(probs * log_probs).sum(-1).mean(), rtol=1e-5)

@@ -88,8 +88,8 @@ def _load_tfds(name: str, data_dir: Optional[str]):
   except Exception as e:
     raise KdjaxError(
         f"unknown dataset '{name}': not an embedded dataset ({', '.join(EMBEDDED)}) and TFDS "
-        f'says: {str(e).splitlines()[0]} Use an embedded name, a TFDS name such as cifar10, cifar100 or mnist, or '
-        '--config.data.npz=/path/to/file.npz.') from e
+        f'says: {str(e).splitlines()[0]} Use an embedded name, a TFDS name such as cifar10, '
+        'cifar100 or mnist, or --config.data.npz=/path/to/file.npz.') from e
   try:
     import tensorflow  # noqa: F401  (TFDS needs it to read its records)
   except ImportError as e:

@@ -72,5 +72,5 @@ def count_params(params) -> int:
   return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ['MODELS', 'get_model', 'init_variables', 'variable_shapes', 'count_params', 'PlainCNN', 'CifarResNet',
-           'MultiExitResNet', 'exit_macs', 'is_multi_exit']
+__all__ = ['MODELS', 'get_model', 'init_variables', 'variable_shapes', 'count_params',
+           'is_multi_exit', 'exit_macs', 'PlainCNN', 'CifarResNet', 'MultiExitResNet']
