@@ -11,6 +11,7 @@ array) is caught on restore — by Orbax, or by the fingerprint — and kdjax fa
 newest checkpoint that is intact, saying so; it never trains on from garbage silently.
 """
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -117,21 +118,22 @@ def load_final_variables(stage_dir: str, shapes) -> dict:
     stage_dir: the teacher stage's folder.
     shapes: `models.variable_shapes(...)` of the model the config names for that stage.
   """
-  mgr = manager(os.path.join(stage_dir, 'checkpoints'), keep=None, read_only=True)
-  step = mgr.latest_step()
-  try:
-    meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta \
-        if step is not None else {}
-  except Exception:  # damaged metadata: treated as unfinished, and the message says what to do.
-    meta = {}
-  if not meta.get('final'):
-    raise KdjaxError(f"no intact final checkpoint in '{stage_dir}'; the teacher stage must "
-                     'finish first (re-run the same command to resume it).')
-  try:
-    restored = mgr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(shapes)))
-  except Exception as e:  # a tree or shape mismatch, in Orbax's words.
-    raise KdjaxError(f"the checkpoint in '{stage_dir}' does not match the model the config "
-                     f'names for that stage ({type(e).__name__}: {str(e)[:300]}). Use the model it '
-                     'was trained with, or delete the stage folder to retrain it.') from e
-  mgr.close()
-  return restored.model
+  with contextlib.closing(manager(os.path.join(stage_dir, 'checkpoints'), keep=None,
+                                  read_only=True)) as mgr:
+    step = mgr.latest_step()
+    try:
+      meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta \
+          if step is not None else {}
+    except Exception:  # damaged metadata: treated as unfinished, and the message says what to do.
+      meta = {}
+    if not meta.get('final'):
+      raise KdjaxError(f"no intact final checkpoint in '{stage_dir}'; the teacher stage must "
+                       'finish first (re-run the same command to resume it).')
+    try:
+      restored = mgr.restore(step, args=ocp.args.Composite(
+          model=ocp.args.StandardRestore(shapes)))
+    except Exception as e:  # a tree or shape mismatch, in Orbax's words.
+      raise KdjaxError(f"the checkpoint in '{stage_dir}' does not match the model the config "
+                       f'names for that stage ({type(e).__name__}: {str(e)[:300]}). Use the '
+                       'model it was trained with, or delete the stage folder to retrain it.') from e
+    return restored.model

@@ -224,116 +224,114 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
   tx = train.make_optimizer(t, schedule)
   make_state = lambda variables: train.create_train_state(student, variables, tx)
 
-  manager = checkpoints.manager(os.path.join(stage_dir, 'checkpoints'), t.checkpoints_to_keep)
-  # Every checkpoint is verified before use, a finished stage's too: a later stage reads it.
-  abstract_state = jax.eval_shape(make_state, models.variable_shapes(student,
-                                                                      dataset.image_shape))
-  latest, meta, restored = checkpoints.restore_latest_good(manager, abstract_state, name)
-  if meta.get('final'):
-    manager.close()
-    print(f"[{name}] finished earlier (step {latest}); not retrained.")
-    return StageResult(**meta['result'])
+  # Closed on every way out (finished, preempted, or an error): closing waits for pending saves,
+  # and an Orbax manager left open prints asyncio tracebacks at interpreter exit.
+  with contextlib.closing(checkpoints.manager(os.path.join(stage_dir, 'checkpoints'),
+                                              t.checkpoints_to_keep)) as manager:
+    # Every checkpoint is verified before use, a finished stage's too: a later stage reads it.
+    abstract_state = jax.eval_shape(make_state, models.variable_shapes(student,
+                                                                        dataset.image_shape))
+    latest, meta, restored = checkpoints.restore_latest_good(manager, abstract_state, name)
+    if meta.get('final'):
+      print(f"[{name}] finished earlier (step {latest}); not retrained.")
+      return StageResult(**meta['result'])
 
-  start = time.perf_counter()
-  wall_s_before = 0.0
-  if restored is None:
-    state = make_state(models.init_variables(student, dataset.image_shape,
-                                             _stage_key(config.seed, name, 'init')))
-  else:  # restored into shapes only: a resume never pays for compiling the initialisers.
-    state = restored
-    wall_s_before = meta.get('wall_s', 0.0)
-    print(f'[{name}] resuming from step {latest} (epoch {latest / steps_per_epoch:.2f}).')
-  metrics_path = os.path.join(stage_dir, 'metrics.jsonl')
-  _truncate_metrics(metrics_path, int(state.step) // steps_per_epoch)
+    start = time.perf_counter()
+    wall_s_before = 0.0
+    if restored is None:
+      state = make_state(models.init_variables(student, dataset.image_shape,
+                                               _stage_key(config.seed, name, 'init')))
+    else:  # restored into shapes only: a resume never pays for compiling the initialisers.
+      state = restored
+      wall_s_before = meta.get('wall_s', 0.0)
+      print(f'[{name}] resuming from step {latest} (epoch {latest / steps_per_epoch:.2f}).')
+    metrics_path = os.path.join(stage_dir, 'metrics.jsonl')
+    _truncate_metrics(metrics_path, int(state.step) // steps_per_epoch)
 
-  teacher, teacher_variables = None, {}
-  if stage.teacher:
-    teacher_stage = config.stages[stage.teacher]
-    teacher = models.get_model(teacher_stage.model, dataset.num_classes, **model_kwargs)
-    teacher_variables = checkpoints.load_final_variables(
-        os.path.join(workdir, 'stages', stage.teacher),
-        models.variable_shapes(teacher, dataset.image_shape))
+    teacher, teacher_variables = None, {}
+    if stage.teacher:
+      teacher_stage = config.stages[stage.teacher]
+      teacher = models.get_model(teacher_stage.model, dataset.num_classes, **model_kwargs)
+      teacher_variables = checkpoints.load_final_variables(
+          os.path.join(workdir, 'stages', stage.teacher),
+          models.variable_shapes(teacher, dataset.image_shape))
 
-  train_data, test_data = device_data
-  train_step = train.make_train_step(student, teacher, _loss_config(stage), config.data.augment,
-                                     normalization, skip_nonfinite=t.nan_policy == 'skip')
-  multi_exit = models.is_multi_exit(stage.model)
-  eval_step = train.make_eval_step(normalization, multi_exit)
-  augment_key = _stage_key(config.seed, name, 'augment')
-  indices = jnp.zeros((t.batch_size,), jnp.int32)
-  compile_start = time.perf_counter()
-  train_step = train_step.lower(state, teacher_variables, train_data, indices,
-                                augment_key).compile()
-  compile_s = time.perf_counter() - compile_start
+    train_data, test_data = device_data
+    train_step = train.make_train_step(student, teacher, _loss_config(stage), config.data.augment,
+                                       normalization, skip_nonfinite=t.nan_policy == 'skip')
+    multi_exit = models.is_multi_exit(stage.model)
+    eval_step = train.make_eval_step(normalization, multi_exit)
+    augment_key = _stage_key(config.seed, name, 'augment')
+    indices = jnp.zeros((t.batch_size,), jnp.int32)
+    compile_start = time.perf_counter()
+    train_step = train_step.lower(state, teacher_variables, train_data, indices,
+                                  augment_key).compile()
+    compile_s = time.perf_counter() - compile_start
 
-  def save(final: bool, unchecked_metrics, **extra):
-    _check_finite(unchecked_metrics, name, step, stage.loss)  # never checkpoint a NaN state.
-    checkpoints.save(manager, state, {'final': final, **extra,
-                                      'wall_s': wall_s_before + time.perf_counter() - start})
+    def save(final: bool, unchecked_metrics, **extra):
+      _check_finite(unchecked_metrics, name, step, stage.loss)  # never checkpoint a NaN state.
+      checkpoints.save(manager, state, {'final': final, **extra,
+                                        'wall_s': wall_s_before + time.perf_counter() - start})
 
-  progress = _progress_bar(config, name, total_steps, int(state.step))
-  step = int(state.step)
-  permutation = None
-  epoch_metrics, unchecked, epoch_start, epoch_images = [], [], time.perf_counter(), 0
-  with _preemption_guard() as preempted:
-    while step < total_steps:
-      epoch, position = divmod(step, steps_per_epoch)
-      if permutation is None or position == 0:
-        permutation = _epoch_permutation(config.seed, name, epoch, num_train)
-      batch_indices = jax.lax.dynamic_slice_in_dim(permutation, position * t.batch_size,
-                                                   t.batch_size)
-      state, step_metrics = train_step(state, teacher_variables, train_data, batch_indices,
-                                       augment_key)
-      step += 1
-      epoch_metrics.append(step_metrics)
-      unchecked.append(step_metrics)
-      epoch_images += t.batch_size
-      progress.update(1)
-      end_of_epoch = step % steps_per_epoch == 0
-      if end_of_epoch:
-        summary = _epoch_summary(epoch_metrics)
-        seconds = time.perf_counter() - epoch_start
-        summary.update(train.evaluate(eval_step, state, test_data, t.eval_batch_size))
-        summary.update(epoch=epoch + 1, step=step, learning_rate=float(schedule(step - 1)),
-                       images_per_s=epoch_images / seconds, epoch_s=seconds)
-        _check_finite(unchecked, name, step, stage.loss)
-        unchecked = []  # checked: the save below need not fetch them again.
-        with open(metrics_path, 'a') as f:
-          f.write(json.dumps(summary) + '\n')
-        progress.set_postfix(loss=f"{summary['train_loss']:.3f}",
-                             test_acc=f"{summary['test_accuracy']:.3f}")
-        epoch_metrics, epoch_start, epoch_images = [], time.perf_counter(), 0
-      periodic = t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0
-      if step < total_steps and (end_of_epoch or periodic or preempted()):
-        save(False, unchecked)
-        unchecked = []
-      if preempted() and step < total_steps:
-        manager.wait_until_finished()
-        manager.close()
-        progress.close()
-        raise Preempted(f"[{name}] stopped by SIGTERM at step {step}; checkpoint saved in "
-                        f"{stage_dir}. Re-run the same command to resume.")
-  progress.close()
+    progress = _progress_bar(config, name, total_steps, int(state.step))
+    step = int(state.step)
+    permutation = None
+    epoch_metrics, unchecked, epoch_start, epoch_images = [], [], time.perf_counter(), 0
+    with _preemption_guard() as preempted:
+      while step < total_steps:
+        epoch, position = divmod(step, steps_per_epoch)
+        if permutation is None or position == 0:
+          permutation = _epoch_permutation(config.seed, name, epoch, num_train)
+        batch_indices = jax.lax.dynamic_slice_in_dim(permutation, position * t.batch_size,
+                                                     t.batch_size)
+        state, step_metrics = train_step(state, teacher_variables, train_data, batch_indices,
+                                         augment_key)
+        step += 1
+        epoch_metrics.append(step_metrics)
+        unchecked.append(step_metrics)
+        epoch_images += t.batch_size
+        progress.update(1)
+        end_of_epoch = step % steps_per_epoch == 0
+        if end_of_epoch:
+          summary = _epoch_summary(epoch_metrics)
+          seconds = time.perf_counter() - epoch_start
+          summary.update(train.evaluate(eval_step, state, test_data, t.eval_batch_size))
+          summary.update(epoch=epoch + 1, step=step, learning_rate=float(schedule(step - 1)),
+                         images_per_s=epoch_images / seconds, epoch_s=seconds)
+          _check_finite(unchecked, name, step, stage.loss)
+          unchecked = []  # checked: the save below need not fetch them again.
+          with open(metrics_path, 'a') as f:
+            f.write(json.dumps(summary) + '\n')
+          progress.set_postfix(loss=f"{summary['train_loss']:.3f}",
+                               test_acc=f"{summary['test_accuracy']:.3f}")
+          epoch_metrics, epoch_start, epoch_images = [], time.perf_counter(), 0
+        periodic = t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0
+        if step < total_steps and (end_of_epoch or periodic or preempted()):
+          save(False, unchecked)
+          unchecked = []
+        if preempted() and step < total_steps:
+          progress.close()
+          raise Preempted(f"[{name}] stopped by SIGTERM at step {step}; checkpoint saved in "
+                          f"{stage_dir}. Re-run the same command to resume.")
+    progress.close()
 
-  history = _read_metrics(metrics_path)
-  last = history[-1]
-  result = StageResult(
-      name=name, model=stage.model, teacher=stage.teacher, loss=stage.loss,
-      test_accuracy=last['test_accuracy'], test_loss=last['test_loss'],
-      test_nontrue_mass=last['test_nontrue_mass'], test_entropy=last['test_entropy'],
-      params=models.count_params(state.params), epochs=t.epochs,
-      wall_s=wall_s_before + time.perf_counter() - start, compile_s=compile_s,
-      images_per_s=float(np.median([m['images_per_s'] for m in history])),
-      skipped_steps=int(sum(m.get('skipped_steps', 0) for m in history)))
-  if multi_exit:
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    result.exits = {'test_accuracy': last['test_accuracy_exits'],
-                    'ensemble_test_accuracy': last['test_accuracy_ensemble'],
-                    'macs': models.exit_macs(student, variables, dataset.image_shape)}
-  save(True, unchecked, result=dataclasses.asdict(result))
-  manager.wait_until_finished()
-  manager.close()
-  return result
+    history = _read_metrics(metrics_path)
+    last = history[-1]
+    result = StageResult(
+        name=name, model=stage.model, teacher=stage.teacher, loss=stage.loss,
+        test_accuracy=last['test_accuracy'], test_loss=last['test_loss'],
+        test_nontrue_mass=last['test_nontrue_mass'], test_entropy=last['test_entropy'],
+        params=models.count_params(state.params), epochs=t.epochs,
+        wall_s=wall_s_before + time.perf_counter() - start, compile_s=compile_s,
+        images_per_s=float(np.median([m['images_per_s'] for m in history])),
+        skipped_steps=int(sum(m.get('skipped_steps', 0) for m in history)))
+    if multi_exit:
+      variables = {'params': state.params, 'batch_stats': state.batch_stats}
+      result.exits = {'test_accuracy': last['test_accuracy_exits'],
+                      'ensemble_test_accuracy': last['test_accuracy_ensemble'],
+                      'macs': models.exit_macs(student, variables, dataset.image_shape)}
+    save(True, unchecked, result=dataclasses.asdict(result))
+    return result
 
 
 @contextlib.contextmanager
