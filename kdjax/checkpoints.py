@@ -50,7 +50,8 @@ def save(mgr, state, meta: dict) -> None:
   """Saves `state` asynchronously from a host copy (the next step donates the device buffers)."""
   model, optimizer = jax.device_get(_items(state))
   meta = {**meta, 'fingerprint': fingerprint((model, optimizer))}
-  mgr.save(int(optimizer['step']), args=ocp.args.Composite(
+  step = int(np.ravel(optimizer['step'])[0])  # replicated states share one step count.
+  mgr.save(step, args=ocp.args.Composite(
       model=ocp.args.StandardSave(model), optimizer=ocp.args.StandardSave(optimizer),
       meta=ocp.args.JsonSave(meta)))
 

@@ -30,11 +30,13 @@ import numpy as np
 from kdjax import checkpoints
 from kdjax import data as kd_data
 from kdjax import models
+from kdjax import parallel
 from kdjax import report
 from kdjax import train
 from kdjax.errors import KdjaxError, Preempted
 
 STAGE_KEYS = ('model', 'loss', 'teacher', 'train', 'kd')
+TEACHER_DTYPES = ('float32', 'bfloat16')
 
 
 @dataclasses.dataclass
@@ -55,6 +57,10 @@ class StageResult:
   skipped_steps: int = 0  # steps dropped for a non-finite loss (nan_policy 'skip').
   # Multi-exit models only: per-exit test accuracy, the exits' ensemble, and MACs per exit.
   exits: Optional[dict] = None
+  # num_replicas > 1: the accuracy and loss above are means over the replicas; this holds their
+  # standard deviation (ddof 1) and the per-replica values with their seeds.
+  test_accuracy_std: Optional[float] = None
+  replicas: Optional[dict] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,6 +95,10 @@ def stage_order(config: ml_collections.ConfigDict) -> List[str]:
   """
   if not config.stages or not config.stages.keys():
     raise KdjaxError('config.stages is empty; define at least one stage.')
+  replicas = config.get('num_replicas')
+  if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+    raise KdjaxError(f'config.num_replicas must be an integer >= 1 (students trained at once), '
+                     f'got {replicas!r}.')
   names = list(config.stages.keys())
   for name in names:
     stage = config.stages[name]
@@ -182,6 +192,10 @@ def _check_values(stage: ml_collections.ConfigDict) -> None:
       (kd.noise_sigma >= 0, f'noise_sigma must be >= 0, got {kd.noise_sigma}'),
       (0 <= kd.noise_ce_weight <= 1, f'noise_ce_weight must lie in [0, 1], got {kd.noise_ce_weight}'),
       (0 < kd.primary_weight <= 1, f'primary_weight must lie in (0, 1], got {kd.primary_weight}'),
+      (kd.teacher_dtype in TEACHER_DTYPES,
+       f"unknown teacher_dtype '{kd.teacher_dtype}'; choose one of: {', '.join(TEACHER_DTYPES)}"),
+      (isinstance(kd.cache_teacher_logits, bool),
+       f'cache_teacher_logits must be True or False, got {kd.cache_teacher_logits!r}'),
   ]
   for ok, message in checks:
     if not ok:
@@ -192,8 +206,8 @@ def _check_values(stage: ml_collections.ConfigDict) -> None:
 # One stage.
 
 
-def _device_data(dataset: kd_data.Dataset):
-  put = lambda x: jax.device_put(x)
+def _device_data(dataset: kd_data.Dataset, mesh):
+  put = lambda x: parallel.put_replicated(x, mesh)
   return (train.DeviceData(put(dataset.x_train), put(dataset.y_train)),
           train.DeviceData(put(dataset.x_test), put(dataset.y_test)))
 
@@ -208,11 +222,37 @@ def _stage_key(seed: int, stage_name: str, purpose: str) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), zlib.crc32(f'{stage_name}/{purpose}'.encode()))
 
 
+def _stacked_shapes(shapes, num_replicas: int):
+  """`ShapeDtypeStruct`s of `num_replicas` models stacked on a leading axis (none for 0)."""
+  if not num_replicas:
+    return shapes
+  return jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct((num_replicas, *s.shape), s.dtype), shapes)
+
+
+def _replica_keys(config, name: str, purpose: str, num_replicas: int) -> jax.Array:
+  """One key, or `[N]` keys: replica r draws from seed `config.seed + r`."""
+  if not num_replicas:
+    return _stage_key(config.seed, name, purpose)
+  return jnp.stack([_stage_key(config.seed + r, name, purpose) for r in range(num_replicas)])
+
+
+def _step_of(state) -> int:
+  return int(np.ravel(jax.device_get(state.step))[0])  # replicas share one step count.
+
+
 def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_data,
-              normalization: train.Normalization) -> StageResult:
-  """Trains (or resumes, or skips if finished) one stage and returns its result."""
+              normalization: train.Normalization, mesh) -> StageResult:
+  """Trains (or resumes, or skips if finished) one stage and returns its result.
+
+  With `config.num_replicas` N > 1 the stage trains N students at once (`jax.vmap`): replica r
+  is initialised from seed `config.seed + r` and draws its loss noise from it; all share the
+  batches, their order and augmentation (seed `config.seed`), and the teacher, which is replica 0
+  of the teacher stage. Sharing the data is what lets one teacher forward serve all N.
+  """
   stage = stage_config(config, name)
   t = stage.train
+  num_replicas = config.num_replicas if config.num_replicas > 1 else 0
   stage_dir = os.path.join(workdir, 'stages', name)
   os.makedirs(stage_dir, exist_ok=True)
   model_kwargs = {'shortcut': config.model.resnet_shortcut}
@@ -223,14 +263,16 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
   schedule = train.learning_rate_schedule(t, steps_per_epoch, stage.model)
   tx = train.make_optimizer(t, schedule)
   make_state = lambda variables: train.create_train_state(student, variables, tx)
+  if num_replicas:
+    make_state = jax.vmap(make_state)
 
   # Closed on every way out (finished, preempted, or an error): closing waits for pending saves,
   # and an Orbax manager left open prints asyncio tracebacks at interpreter exit.
   with contextlib.closing(checkpoints.manager(os.path.join(stage_dir, 'checkpoints'),
                                               t.checkpoints_to_keep)) as manager:
     # Every checkpoint is verified before use, a finished stage's too: a later stage reads it.
-    abstract_state = jax.eval_shape(make_state, models.variable_shapes(student,
-                                                                        dataset.image_shape))
+    abstract_state = jax.eval_shape(make_state, _stacked_shapes(
+        models.variable_shapes(student, dataset.image_shape), num_replicas))
     latest, meta, restored = checkpoints.restore_latest_good(manager, abstract_state, name)
     if meta.get('final'):
       print(f"[{name}] finished earlier (step {latest}); not retrained.")
@@ -240,31 +282,50 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
     wall_s_before = 0.0
     if restored is None:
       state = make_state(models.init_variables(student, dataset.image_shape,
-                                               _stage_key(config.seed, name, 'init')))
+                                               _replica_keys(config, name, 'init', num_replicas)))
     else:  # restored into shapes only: a resume never pays for compiling the initialisers.
       state = restored
       wall_s_before = meta.get('wall_s', 0.0)
       print(f'[{name}] resuming from step {latest} (epoch {latest / steps_per_epoch:.2f}).')
+    state = parallel.put_replicated(state, mesh)
     metrics_path = os.path.join(stage_dir, 'metrics.jsonl')
-    _truncate_metrics(metrics_path, int(state.step) // steps_per_epoch)
-
-    teacher, teacher_variables = None, {}
-    if stage.teacher:
-      teacher_stage = config.stages[stage.teacher]
-      teacher = models.get_model(teacher_stage.model, dataset.num_classes, **model_kwargs)
-      teacher_variables = checkpoints.load_final_variables(
-          os.path.join(workdir, 'stages', stage.teacher),
-          models.variable_shapes(teacher, dataset.image_shape))
+    _truncate_metrics(metrics_path, _step_of(state) // steps_per_epoch)
 
     train_data, test_data = device_data
+    teacher, teacher_input, cached = None, {}, False
+    if stage.teacher:
+      teacher_stage = config.stages[stage.teacher]
+      teacher = models.get_model(teacher_stage.model, dataset.num_classes,
+                                 dtype=jnp.dtype(stage.kd.teacher_dtype), **model_kwargs)
+      teacher_input = checkpoints.load_final_variables(
+          os.path.join(workdir, 'stages', stage.teacher),
+          _stacked_shapes(models.variable_shapes(teacher, dataset.image_shape), num_replicas))
+      if num_replicas:  # every replica learns from the teacher stage's replica 0.
+        teacher_input = jax.tree_util.tree_map(lambda x: x[0], teacher_input)
+      teacher_input = parallel.put_replicated(teacher_input, mesh)
+      cached = stage.kd.cache_teacher_logits and not train.augments(config.data.augment)
+      if cached:  # one teacher pass over the training set instead of one per epoch.
+        cache_start = time.perf_counter()
+        teacher_input = jax.block_until_ready(train.teacher_logits_table(
+            teacher, teacher_input, train_data, normalization, t.eval_batch_size, mesh))
+        print(f'[{name}] cached the teacher\'s logits on {num_train} training images in '
+              f'{time.perf_counter() - cache_start:.1f} s.')
+
     train_step = train.make_train_step(student, teacher, _loss_config(stage), config.data.augment,
-                                       normalization, skip_nonfinite=t.nan_policy == 'skip')
+                                       normalization, skip_nonfinite=t.nan_policy == 'skip',
+                                       teacher_logits_cached=cached, num_replicas=num_replicas,
+                                       mesh=mesh)
     multi_exit = models.is_multi_exit(stage.model)
-    eval_step = train.make_eval_step(normalization, multi_exit)
-    augment_key = _stage_key(config.seed, name, 'augment')
+    eval_step = train.make_eval_step(normalization, multi_exit, num_replicas=num_replicas,
+                                     mesh=mesh)
+    augment_key = _replica_keys(config, name, 'augment', num_replicas)
+    take_batch = jax.jit(
+        lambda permutation, position: jax.lax.dynamic_slice_in_dim(
+            permutation, position * t.batch_size, t.batch_size),
+        out_shardings=parallel.batch_sharded(mesh))
     indices = jnp.zeros((t.batch_size,), jnp.int32)
     compile_start = time.perf_counter()
-    train_step = train_step.lower(state, teacher_variables, train_data, indices,
+    train_step = train_step.lower(state, teacher_input, train_data, indices,
                                   augment_key).compile()
     compile_s = time.perf_counter() - compile_start
 
@@ -273,8 +334,8 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
       checkpoints.save(manager, state, {'final': final, **extra,
                                         'wall_s': wall_s_before + time.perf_counter() - start})
 
-    progress = _progress_bar(config, name, total_steps, int(state.step))
-    step = int(state.step)
+    progress = _progress_bar(config, name, total_steps, _step_of(state))
+    step = _step_of(state)
     permutation = None
     epoch_metrics, unchecked, epoch_start, epoch_images = [], [], time.perf_counter(), 0
     with _preemption_guard() as preempted:
@@ -282,9 +343,8 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
         epoch, position = divmod(step, steps_per_epoch)
         if permutation is None or position == 0:
           permutation = _epoch_permutation(config.seed, name, epoch, num_train)
-        batch_indices = jax.lax.dynamic_slice_in_dim(permutation, position * t.batch_size,
-                                                     t.batch_size)
-        state, step_metrics = train_step(state, teacher_variables, train_data, batch_indices,
+        batch_indices = take_batch(permutation, position)
+        state, step_metrics = train_step(state, teacher_input, train_data, batch_indices,
                                          augment_key)
         step += 1
         epoch_metrics.append(step_metrics)
@@ -303,7 +363,7 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
           with open(metrics_path, 'a') as f:
             f.write(json.dumps(summary) + '\n')
           progress.set_postfix(loss=f"{summary['train_loss']:.3f}",
-                               test_acc=f"{summary['test_accuracy']:.3f}")
+                               test_acc=f"{np.mean(summary['test_accuracy']):.3f}")
           epoch_metrics, epoch_start, epoch_images = [], time.perf_counter(), 0
         periodic = t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0
         if step < total_steps and (end_of_epoch or periodic or preempted()):
@@ -317,18 +377,26 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
 
     history = _read_metrics(metrics_path)
     last = history[-1]
+    mean = lambda key: float(np.mean(last[key]))  # a replica list, or one number.
+    first_replica = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree) if num_replicas \
+        else tree
     result = StageResult(
         name=name, model=stage.model, teacher=stage.teacher, loss=stage.loss,
-        test_accuracy=last['test_accuracy'], test_loss=last['test_loss'],
-        test_nontrue_mass=last['test_nontrue_mass'], test_entropy=last['test_entropy'],
-        params=models.count_params(state.params), epochs=t.epochs,
+        test_accuracy=mean('test_accuracy'), test_loss=mean('test_loss'),
+        test_nontrue_mass=mean('test_nontrue_mass'), test_entropy=mean('test_entropy'),
+        params=models.count_params(first_replica(state.params)), epochs=t.epochs,
         wall_s=wall_s_before + time.perf_counter() - start, compile_s=compile_s,
         images_per_s=float(np.median([m['images_per_s'] for m in history])),
         skipped_steps=int(sum(m.get('skipped_steps', 0) for m in history)))
+    if num_replicas:
+      result.test_accuracy_std = float(np.std(last['test_accuracy'], ddof=1))
+      result.replicas = {'seeds': [config.seed + r for r in range(num_replicas)],
+                         'test_accuracy': last['test_accuracy'], 'test_loss': last['test_loss']}
     if multi_exit:
-      variables = {'params': state.params, 'batch_stats': state.batch_stats}
-      result.exits = {'test_accuracy': last['test_accuracy_exits'],
-                      'ensemble_test_accuracy': last['test_accuracy_ensemble'],
+      variables = first_replica({'params': state.params, 'batch_stats': state.batch_stats})
+      result.exits = {'test_accuracy': np.mean(last['test_accuracy_exits'], axis=0).tolist()
+                                       if num_replicas else last['test_accuracy_exits'],
+                      'ensemble_test_accuracy': mean('test_accuracy_ensemble'),
                       'macs': models.exit_macs(student, variables, dataset.image_shape)}
     save(True, unchecked, result=dataclasses.asdict(result))
     return result
@@ -352,17 +420,22 @@ def _check_finite(step_metrics, name, step, loss_name) -> None:
   """Raises if any step since the last check had a non-finite loss (policy 'stop')."""
   if not step_metrics:
     return
-  stacked = _stack_on_host(step_metrics)
+  # [steps, replicas]: one column without replicas.
+  stacked = {k: v.reshape(len(step_metrics), -1) for k, v in _stack_on_host(step_metrics).items()}
   bad = ~np.isfinite(stacked['loss']) & (stacked['skipped'] == 0)  # skipped steps were undone.
   if not bad.any():
     return
-  first = int(np.argmax(bad))
+  first, replica = np.unravel_index(int(np.argmax(bad)), bad.shape)
   at = step - len(step_metrics) + first + 1
-  blame = ('the teacher\'s logits were already non-finite' if not stacked['teacher_finite'][first]
-           else 'the student\'s logits were non-finite' if not stacked['student_finite'][first]
+  blame = ('the teacher\'s logits were already non-finite'
+           if not stacked['teacher_finite'][first, replica]
+           else 'the student\'s logits were non-finite'
+           if not stacked['student_finite'][first, replica]
            else 'the logits were finite, so a loss term itself overflowed')
+  which = f' (replica {replica})' if bad.shape[1] > 1 else ''
   raise KdjaxError(
-      f"stage '{name}': the '{loss_name}' loss became {stacked['loss'][first]} at step {at} "
+      f"stage '{name}': the '{loss_name}' loss became {stacked['loss'][first, replica]} at step "
+      f"{at}{which} "
       f'({blame}). Nothing after the last good checkpoint was saved; lower the learning rate or '
       "check the data and re-run to resume, or set --config.train.nan_policy=skip to drop such "
       'steps.')
@@ -415,11 +488,14 @@ def load_dataset(config) -> kd_data.Dataset:
                       tfds_data_dir=config.data.tfds_data_dir or None)
 
 
-def _check_against_data(config, order, dataset: kd_data.Dataset) -> None:
-  """The checks that need the data: batch sizes, class counts, and models' input sizes."""
+def _check_against_data(config, order, dataset: kd_data.Dataset, mesh) -> None:
+  """The checks that need the data or the devices: batch sizes, class counts, input sizes."""
   num_train = len(dataset.x_train)
   for name in order:
     stage = stage_config(config, name)
+    parallel.check_batch_size(stage.train.batch_size, mesh, f"stage '{name}': batch_size")
+    parallel.check_batch_size(stage.train.eval_batch_size, mesh,
+                              f"stage '{name}': eval_batch_size")
     if stage.train.batch_size > num_train:
       raise KdjaxError(f"stage '{name}': batch_size {stage.train.batch_size} exceeds the "
                        f'{num_train} training images; lower --config.train.batch_size.')
@@ -476,16 +552,17 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   """
   order = stage_order(config)
   dataset = load_dataset(config)
-  _check_against_data(config, order, dataset)
+  mesh = parallel.make_mesh()
+  _check_against_data(config, order, dataset, mesh)
   _claim_workdir(config, workdir, overwrite)
   mean, std = kd_data.channel_stats(dataset.x_train)
   normalization = train.Normalization(jnp.asarray(mean), jnp.asarray(std))
-  device_data = _device_data(dataset)
+  device_data = _device_data(dataset, mesh)
   print(f'{dataset.name}: {len(dataset.x_train)} train / {len(dataset.x_test)} test images of '
         f'{dataset.image_shape}, {dataset.num_classes} classes; stages: {" → ".join(order)}')
   results: Dict[str, StageResult] = {}
   for name in order:
-    results[name] = run_stage(config, name, workdir, dataset, device_data, normalization)
+    results[name] = run_stage(config, name, workdir, dataset, device_data, normalization, mesh)
   histories = {name: _read_metrics(os.path.join(workdir, 'stages', name, 'metrics.jsonl'))
                for name in order}
   rows = [results[name] for name in order]

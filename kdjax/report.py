@@ -6,6 +6,7 @@ import os
 from typing import Dict, List
 
 import jax
+import numpy as np
 
 # Everything `write` puts in a workdir (beside `config.json` and `stages/`).
 OUTPUT_FILES = ('results.json', 'results.md', 'test_accuracy.png', 'exits_accuracy_vs_macs.png')
@@ -20,15 +21,24 @@ def markdown_table(rows: List[dict]) -> str:
   """One line per stage; accuracy in percent, parameters with thousands separators.
 
   Non-true mass (mean probability on wrong classes) and entropy are on the test set: Yang et
-  al.'s measures of the secondary information a model passes on when it teaches.
+  al.'s measures of the secondary information a model passes on when it teaches. Stages trained
+  as N replicas show accuracy as mean ± sample standard deviation, the other columns as means.
   """
   cells = [[label for label, _ in TABLE_COLUMNS]]
   for row in rows:
     cells.append([
         row['name'], row['model'], row['teacher'] or '—', row['loss'],
-        f"{100 * row['test_accuracy']:.2f}", f"{row['test_nontrue_mass']:.4f}",
+        _accuracy_cell(row), f"{row['test_nontrue_mass']:.4f}",
         f"{row['test_entropy']:.4f}", f"{row['params']:,}", f"{row['wall_s']:.1f}"])
   return _format_table(cells)
+
+
+def _accuracy_cell(row: dict) -> str:
+  """`99.07` for one model; `99.07 ± 0.58 (n=3)` (mean ± sample std) for replicas."""
+  if row.get('replicas'):
+    return (f"{100 * row['test_accuracy']:.2f} ± {100 * row['test_accuracy_std']:.2f} "
+            f"(n={len(row['replicas']['seeds'])})")
+  return f"{100 * row['test_accuracy']:.2f}"
 
 
 def _format_table(cells: List[List[str]]) -> str:
@@ -84,10 +94,16 @@ def write(workdir: str, dataset, rows: List[dict], histories: Dict[str, List[dic
 
 
 def plot_test_accuracy(histories: Dict[str, List[dict]], path: str) -> None:
+  """Test accuracy per epoch; for replicas, the mean with a band of ± one standard deviation."""
   def draw(ax):
     for name, history in histories.items():
-      ax.plot([m['epoch'] for m in history], [100 * m['test_accuracy'] for m in history],
-              marker='.', label=name)
+      epochs = [m['epoch'] for m in history]
+      accuracy = 100 * np.array([np.atleast_1d(m['test_accuracy']) for m in history])
+      lines = ax.plot(epochs, accuracy.mean(axis=1), marker='.', label=name)
+      if accuracy.shape[1] > 1:
+        spread = accuracy.std(axis=1, ddof=1)
+        ax.fill_between(epochs, accuracy.mean(axis=1) - spread, accuracy.mean(axis=1) + spread,
+                        color=lines[0].get_color(), alpha=0.2)
   _save_plot(path, 'epoch', 'test accuracy (%)', draw)
 
 

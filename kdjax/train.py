@@ -13,10 +13,12 @@ from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from kdjax import data as kd_data
 from kdjax import losses
+from kdjax import parallel
 from kdjax.errors import KdjaxError
 
 LR_SCHEDULES = ('step', 'cosine', 'constant', 'takd_official')
@@ -136,35 +138,48 @@ def stage_loss(student_logits, teacher_logits, labels, loss_config, noise_key):
       weight * distill)
 
 
+def augments(augment_config: ml_collections.ConfigDict) -> bool:
+  """Whether the train step changes images at all (crops or flips)."""
+  return bool(augment_config.enabled and (augment_config.crop_padding > 0 or augment_config.flip))
+
+
 def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
                     loss_config: ml_collections.ConfigDict,
                     augment_config: ml_collections.ConfigDict,
-                    normalization: Normalization, skip_nonfinite: bool = False) -> Callable:
-  """Builds the jitted train step for one stage (see the module docstring).
+                    normalization: Normalization, skip_nonfinite: bool = False, *,
+                    teacher_logits_cached: bool = False, num_replicas: int = 0,
+                    mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
+  """Builds the jitted train step `(state, teacher_input, train_data, batch_indices, key)`.
 
-  With `skip_nonfinite`, a step whose loss or updated parameters are not finite leaves the
-  parameters, statistics and optimiser state as they were (the step counter still advances) and
-  reports `skipped = 1`; otherwise the caller stops on the first non-finite loss.
+  Args:
+    student, teacher: the modules; `teacher` is None for a stage without one.
+    skip_nonfinite: a step whose loss or updated parameters are not finite leaves the parameters,
+      statistics and optimiser state as they were (the step counter still advances) and reports
+      `skipped = 1`; otherwise the caller stops on the first non-finite loss.
+    teacher_logits_cached: `teacher_input` is then the teacher's `[N, C]` float32 logits on the
+      un-augmented training set (`teacher_logits_table`), gathered by `batch_indices` instead of
+      recomputed; otherwise it is the teacher's variables and the teacher runs in the step.
+    num_replicas: 0 for one student. N ≥ 1: `state` holds N students stacked on a leading axis
+      and `key` is `[N]` keys. The students share each batch, its augmentation and one teacher
+      forward pass (`jax.vmap` over the student update only); they differ in their parameters and
+      in the loss's own randomness (noise keys), both drawn from their own keys.
+    mesh: a `kdjax.parallel` mesh: the batch is split over its `data` axis and everything else
+      replicated. None: no sharding annotations (one device).
+
+  Randomness is a function of (key, step): a resumed stage replays it exactly. The state argument
+  is donated.
   """
   loss_config = ml_collections.FrozenConfigDict(loss_config)
   multi_exit = loss_config.loss in MULTI_EXIT_LOSSES
   padding, flip = augment_config.crop_padding, augment_config.flip
-  augment = augment_config.enabled and (padding > 0 or flip)
+  augment = augments(augment_config)
+  if teacher_logits_cached and augment:
+    raise KdjaxError('cached teacher logits are computed on un-augmented images; they cannot be '
+                     'used with augmentation on (the teacher must see each augmented batch).')
+  shard_batch = (lambda x: x) if mesh is None else (
+      lambda x: jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh)))
 
-  def train_step(state: TrainState, teacher_variables, train_data: DeviceData,
-                 batch_indices: jax.Array, key: jax.Array):
-    images = train_data.images[batch_indices]
-    labels = train_data.labels[batch_indices]
-    # Randomness is a function of (stage key, step): a resumed stage replays it exactly.
-    augment_key, noise_key = jax.random.split(jax.random.fold_in(key, state.step))
-    if augment:
-      images = kd_data.random_crop_and_flip(augment_key, images, padding=padding, flip=flip)
-    images = kd_data.normalize(images, normalization.mean, normalization.std)
-    teacher_logits = None
-    if teacher is not None:
-      # Inference mode (running BN statistics), and no gradient is ever built for the teacher.
-      teacher_logits = jax.lax.stop_gradient(teacher.apply(teacher_variables, images, train=False))
-
+  def student_update(state: TrainState, images, labels, teacher_logits, noise_key):
     def loss_fn(params):
       logits, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
                                        images, train=True, mutable=['batch_stats'])
@@ -194,7 +209,68 @@ def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
                                   else jnp.array(True))}
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=0)
+  def train_step(state: TrainState, teacher_input, train_data: DeviceData,
+                 batch_indices: jax.Array, key: jax.Array):
+    # The replicas share one step counter; each has its own key (one key without replicas).
+    step = state.step[0] if num_replicas else state.step
+    keys = key if num_replicas else key[None]
+    step_keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, step)))(keys)
+    augment_key, noise_keys = step_keys[0, 0], step_keys[:, 1]
+    images = shard_batch(train_data.images[batch_indices])
+    labels = shard_batch(train_data.labels[batch_indices])
+    if augment:
+      images = kd_data.random_crop_and_flip(augment_key, images, padding=padding, flip=flip)
+    images = kd_data.normalize(images, normalization.mean, normalization.std)
+    teacher_logits = None
+    if teacher_logits_cached:
+      teacher_logits = shard_batch(teacher_input[batch_indices])
+    elif teacher is not None:
+      # Inference mode (running BN statistics), and no gradient is ever built for the teacher.
+      teacher_logits = jax.lax.stop_gradient(
+          teacher.apply(teacher_input, images, train=False)).astype(jnp.float32)
+    if num_replicas:
+      return jax.vmap(student_update, in_axes=(0, None, None, None, 0))(
+          state, images, labels, teacher_logits, noise_keys)
+    return student_update(state, images, labels, teacher_logits, noise_keys[0])
+
+  if mesh is None:
+    return jax.jit(train_step, donate_argnums=0)
+  whole, rows = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  return jax.jit(train_step, donate_argnums=0, in_shardings=(whole, whole, whole, rows, whole),
+                 out_shardings=whole)
+
+
+def make_teacher_logits_fn(teacher: nn.Module, normalization: Normalization,
+                           mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
+  """Jitted `(teacher_variables, data, indices) → [B, C]` float32 inference-mode logits."""
+
+  def teacher_logits(teacher_variables, data: DeviceData, indices):
+    images = kd_data.normalize(data.images[indices], normalization.mean, normalization.std)
+    return teacher.apply(teacher_variables, images, train=False).astype(jnp.float32)
+
+  if mesh is None:
+    return jax.jit(teacher_logits)
+  whole, rows = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  return jax.jit(teacher_logits, in_shardings=(whole, whole, rows), out_shardings=rows)
+
+
+def teacher_logits_table(teacher: nn.Module, teacher_variables, data: DeviceData,
+                         normalization: Normalization, batch_size: int,
+                         mesh: Optional[jax.sharding.Mesh] = None) -> jax.Array:
+  """The teacher's inference-mode logits on every image of `data`: `[N, C]` float32, on device.
+
+  Computed once per stage, in batches of `batch_size` (the last one padded), so a stage without
+  augmentation pays for the teacher once instead of once per epoch. At 4 bytes per logit the
+  table is small beside the images it indexes (CIFAR-10: 2 MB against 150 MB).
+  """
+  logits_fn = make_teacher_logits_fn(teacher, normalization, mesh)
+  num = data.labels.shape[0]
+  parts = []
+  for start in range(0, num, batch_size):
+    indices = jnp.minimum(jnp.arange(start, start + batch_size), num - 1)
+    parts.append(logits_fn(teacher_variables, data, indices))
+  table = jnp.concatenate(parts)[:num]
+  return table if mesh is None else parallel.put_replicated(table, mesh)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -202,14 +278,17 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_eval_step(normalization: Normalization, multi_exit: bool = False) -> Callable:
+def make_eval_step(normalization: Normalization, multi_exit: bool = False, *,
+                   num_replicas: int = 0, mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
   """Jitted `(state, data, indices, mask) → sums over a batch` of the loss, correct predictions,
   the probability mass on non-true classes, and the prediction entropy (nats).
 
   The last two are Yang et al.'s view of the "secondary information" a teacher passes on.
   For a multi-exit model these describe the deepest exit, and `exit_correct` `[E]` and
   `ensemble_correct` (the average of the exits' probabilities) are added.
-  `mask` marks the real rows of a padded last batch, so every batch has one shape.
+  `mask` marks the real rows of a padded last batch, so every batch has one shape. With
+  `num_replicas` N ≥ 1 the state is N stacked models and every sum gains a leading `[N]` axis;
+  `mesh` shards the batch as in `make_train_step`.
   """
 
   def eval_step(state: TrainState, eval_data: DeviceData, indices, mask):
@@ -233,12 +312,18 @@ def make_eval_step(normalization: Normalization, multi_exit: bool = False) -> Ca
     return {'loss': total(per_example), 'correct': total(correct), 'count': jnp.sum(mask),
             'nontrue_mass': total(nontrue), 'entropy': total(entropy), **extra}
 
-  return jax.jit(eval_step)
+  if num_replicas:
+    eval_step = jax.vmap(eval_step, in_axes=(0, None, None, None))
+  if mesh is None:
+    return jax.jit(eval_step)
+  whole, rows = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  return jax.jit(eval_step, in_shardings=(whole, whole, rows, rows), out_shardings=whole)
 
 
 def evaluate(eval_step: Callable, state: TrainState, test_data: DeviceData,
              batch_size: int) -> dict:
-  """Test loss and accuracy over a whole device-resident split."""
+  """Test loss and accuracy over a whole device-resident split (lists, one per replica, for a
+  replicated state)."""
   num = test_data.labels.shape[0]
   totals = None
   for start in range(0, num, batch_size):
@@ -248,7 +333,8 @@ def evaluate(eval_step: Callable, state: TrainState, test_data: DeviceData,
     sums = eval_step(state, test_data, indices, mask)
     totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
-  mean = lambda name: (totals[name] / totals['count']).tolist()
+  count = np.ravel(totals['count'])[0]  # the same for every replica.
+  mean = lambda name: (totals[name] / count).tolist()
   results = {'test_loss': mean('loss'), 'test_accuracy': mean('correct'),
              'test_nontrue_mass': mean('nontrue_mass'), 'test_entropy': mean('entropy')}
   if 'exit_correct' in totals:

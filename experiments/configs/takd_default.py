@@ -75,6 +75,10 @@ def get_config():
   config.kd.noise_ce_weight = 0.0      # weight of the classification term mixed with the L2.
   # MATE (Sun et al. 2024): weight of an exit's own ensemble teacher; the rest share 1 − it.
   config.kd.primary_weight = 0.6
+  # The teacher's cost (TAKD trains without augmentation, so its logits never change): with
+  # augmentation off they are computed once per stage and cached on device.
+  config.kd.cache_teacher_logits = True
+  config.kd.teacher_dtype = 'float32'  # or 'bfloat16': the teacher's forward pass in bf16.
 
   config.stages = ml_collections.ConfigDict()
   config.stages.teacher = stage('plain_cnn_6')
@@ -84,6 +88,10 @@ def get_config():
   config.stages.takd = stage('plain_cnn_2', 'kd', teacher='assistant')
 
   config.stage_order = ('teacher', 'assistant', 'nokd', 'blkd', 'takd')  # teachers first.
+
+  # N > 1 trains N students per stage at once (jax.vmap), seeds seed … seed + N − 1, sharing each
+  # batch and one teacher forward pass; the table then reports mean ± std over the N.
+  config.num_replicas = 1
 
   config.progress_bar = True
   config.compilation_cache_dir = '~/.cache/kdjax/xla'  # '' disables JAX's persistent cache.
