@@ -61,6 +61,13 @@ class StageResult:
   # standard deviation (ddof 1) and the per-replica values with their seeds.
   test_accuracy_std: Optional[float] = None
   replicas: Optional[dict] = None
+  # data.validation_size > 0: the last epoch's validation accuracy, and the epoch with the best
+  # validation accuracy (earliest of ties) with its test accuracy: model selection that never
+  # looks at the test set. Replicas: each selects its own epoch; both values are means, and
+  # `selected_epoch` is a list.
+  val_accuracy: Optional[float] = None
+  selected_epoch: Optional[object] = None
+  selected_test_accuracy: Optional[float] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,9 +214,12 @@ def _check_values(stage: ml_collections.ConfigDict) -> None:
 
 
 def _device_data(dataset: kd_data.Dataset, mesh):
+  """(train, test, validation or None) splits, replicated on every device of `mesh`."""
   put = lambda x: parallel.put_replicated(x, mesh)
+  val = None if dataset.x_val is None else train.DeviceData(put(dataset.x_val),
+                                                            put(dataset.y_val))
   return (train.DeviceData(put(dataset.x_train), put(dataset.y_train)),
-          train.DeviceData(put(dataset.x_test), put(dataset.y_test)))
+          train.DeviceData(put(dataset.x_test), put(dataset.y_test)), val)
 
 
 def _epoch_permutation(seed: int, stage_name: str, epoch: int, num_train: int) -> jax.Array:
@@ -291,7 +301,7 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
     metrics_path = os.path.join(stage_dir, 'metrics.jsonl')
     _truncate_metrics(metrics_path, _step_of(state) // steps_per_epoch)
 
-    train_data, test_data = device_data
+    train_data, test_data, val_data = device_data
     teacher, teacher_input, cached = None, {}, False
     if stage.teacher:
       teacher_stage = config.stages[stage.teacher]
@@ -356,6 +366,9 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
           summary = _epoch_summary(epoch_metrics)
           seconds = time.perf_counter() - epoch_start
           summary.update(train.evaluate(eval_step, state, test_data, t.eval_batch_size))
+          if val_data is not None:
+            summary.update({'val_' + key[len('test_'):]: value for key, value in train.evaluate(
+                eval_step, state, val_data, t.eval_batch_size).items()})
           summary.update(epoch=epoch + 1, step=step, learning_rate=float(schedule(step - 1)),
                          images_per_s=epoch_images / seconds, epoch_s=seconds)
           _check_finite(unchecked, name, step, stage.loss)
@@ -388,6 +401,9 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
         wall_s=wall_s_before + time.perf_counter() - start, compile_s=compile_s,
         images_per_s=float(np.median([m['images_per_s'] for m in history])),
         skipped_steps=int(sum(m.get('skipped_steps', 0) for m in history)))
+    if 'val_accuracy' in last:
+      result.val_accuracy = mean('val_accuracy')
+      result.selected_epoch, result.selected_test_accuracy = _select_on_validation(history)
     if num_replicas:
       result.test_accuracy_std = float(np.std(last['test_accuracy'], ddof=1))
       result.replicas = {'seeds': [config.seed + r for r in range(num_replicas)],
@@ -414,6 +430,16 @@ def _preemption_guard():
     yield lambda: bool(received)
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+def _select_on_validation(history: List[dict]):
+  """(epoch(s) of best validation accuracy, mean test accuracy at them), per replica."""
+  val = np.array([np.atleast_1d(m['val_accuracy']) for m in history])    # [epochs, replicas]
+  test = np.array([np.atleast_1d(m['test_accuracy']) for m in history])
+  best = np.argmax(val, axis=0)  # the earliest epoch among ties.
+  selected_test = float(np.mean(test[best, np.arange(val.shape[1])]))
+  epochs = [int(history[i]['epoch']) for i in best]
+  return (epochs if val.shape[1] > 1 else epochs[0]), selected_test
 
 
 def _check_finite(step_metrics, name, step, loss_name) -> None:
@@ -483,9 +509,11 @@ def _truncate_metrics(path: str, completed_epochs: int) -> None:
 
 
 def load_dataset(config) -> kd_data.Dataset:
-  return kd_data.load(config.data.name, config.data.npz,
-                      num_classes=config.data.num_classes or None,
-                      tfds_data_dir=config.data.tfds_data_dir or None)
+  """The config's dataset, with `data.validation_size` training images held out for validation."""
+  dataset = kd_data.load(config.data.name, config.data.npz,
+                         num_classes=config.data.num_classes or None,
+                         tfds_data_dir=config.data.tfds_data_dir or None)
+  return kd_data.hold_out_validation(dataset, config.data.validation_size)
 
 
 def _check_against_data(config, order, dataset: kd_data.Dataset, mesh) -> None:
@@ -558,8 +586,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   mean, std = kd_data.channel_stats(dataset.x_train)
   normalization = train.Normalization(jnp.asarray(mean), jnp.asarray(std))
   device_data = _device_data(dataset, mesh)
-  print(f'{dataset.name}: {len(dataset.x_train)} train / {len(dataset.x_test)} test images of '
-        f'{dataset.image_shape}, {dataset.num_classes} classes; stages: {" → ".join(order)}')
+  val = f' / {len(dataset.x_val)} validation' if dataset.x_val is not None else ''
+  print(f'{dataset.name}: {len(dataset.x_train)} train{val} / {len(dataset.x_test)} test images '
+        f'of {dataset.image_shape}, {dataset.num_classes} classes; stages: {" → ".join(order)}')
   results: Dict[str, StageResult] = {}
   for name in order:
     results[name] = run_stage(config, name, workdir, dataset, device_data, normalization, mesh)

@@ -23,13 +23,22 @@ def markdown_table(rows: List[dict]) -> str:
   Non-true mass (mean probability on wrong classes) and entropy are on the test set: Yang et
   al.'s measures of the secondary information a model passes on when it teaches. Stages trained
   as N replicas show accuracy as mean ± sample standard deviation, the other columns as means.
+  With a validation split, the validation accuracy and the test accuracy at the epoch of best
+  validation accuracy are added (each replica selects its own epoch).
   """
-  cells = [[label for label, _ in TABLE_COLUMNS]]
+  validated = any(row.get('val_accuracy') is not None for row in rows)
+  header = [label for label, _ in TABLE_COLUMNS]
+  if validated:  # after the test accuracy: the validation-selected view beside it.
+    header[5:5] = ['val accuracy (%)', 'test @ best val epoch (%)']
+  cells = [header]
   for row in rows:
-    cells.append([
-        row['name'], row['model'], row['teacher'] or '—', row['loss'],
-        _accuracy_cell(row), f"{row['test_nontrue_mass']:.4f}",
-        f"{row['test_entropy']:.4f}", f"{row['params']:,}", f"{row['wall_s']:.1f}"])
+    line = [row['name'], row['model'], row['teacher'] or '—', row['loss'],
+            _accuracy_cell(row), f"{row['test_nontrue_mass']:.4f}",
+            f"{row['test_entropy']:.4f}", f"{row['params']:,}", f"{row['wall_s']:.1f}"]
+    if validated:
+      line[5:5] = [f"{100 * row['val_accuracy']:.2f}",
+                   f"{100 * row['selected_test_accuracy']:.2f} (epoch {row['selected_epoch']})"]
+    cells.append(line)
   return _format_table(cells)
 
 

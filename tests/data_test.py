@@ -101,3 +101,31 @@ def test_augmentation_off_is_identity():
   x = np.random.default_rng(4).integers(0, 256, (3, 6, 6, 1), dtype=np.uint8)
   out = data.random_crop_and_flip(jax.random.key(0), x, padding=0, flip=False)
   np.testing.assert_array_equal(out, x)
+
+
+def test_validation_is_held_out_of_train_the_same_way_every_time():
+  from kdjax import data as kd_data
+  dataset = kd_data.load('digits')
+  split = kd_data.hold_out_validation(dataset, 300)
+  again = kd_data.hold_out_validation(dataset, 300)
+  assert len(split.x_val) == 300 and len(split.x_train) == len(dataset.x_train) - 300
+  np.testing.assert_array_equal(split.x_val, again.x_val)
+  # Train and validation partition the original training set; the test split is untouched.
+  rows = lambda x: {bytes(r) for r in x.reshape(len(x), -1)}
+  assert rows(split.x_train) | rows(split.x_val) == rows(dataset.x_train)
+  np.testing.assert_array_equal(split.x_test, dataset.x_test)
+  assert kd_data.hold_out_validation(dataset, 0) is dataset
+  with pytest.raises(kdjax.KdjaxError, match=r'validation_size must be an integer in \[0, 1438\)'):
+    kd_data.hold_out_validation(dataset, 1438)
+
+
+def test_epoch_selection_uses_validation_only():
+  from kdjax.experiment import _select_on_validation
+  history = [{'epoch': 1, 'val_accuracy': 0.5, 'test_accuracy': 0.9},
+             {'epoch': 2, 'val_accuracy': 0.8, 'test_accuracy': 0.6},
+             {'epoch': 3, 'val_accuracy': 0.8, 'test_accuracy': 0.7}]
+  assert _select_on_validation(history) == (2, 0.6)  # best validation, earliest of ties.
+  replicas = [{'epoch': 1, 'val_accuracy': [0.5, 0.9], 'test_accuracy': [0.1, 0.2]},
+              {'epoch': 2, 'val_accuracy': [0.7, 0.3], 'test_accuracy': [0.3, 0.4]}]
+  epochs, test = _select_on_validation(replicas)
+  assert epochs == [2, 1] and abs(test - (0.3 + 0.2) / 2) < 1e-12

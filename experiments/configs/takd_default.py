@@ -37,6 +37,7 @@ def get_config():
   config.data.npz = ''               # a .npz with x_train, y_train, x_test, y_test overrides name.
   config.data.num_classes = 0        # 0: inferred from the labels.
   config.data.tfds_data_dir = ''
+  config.data.validation_size = 0    # training images held out to select epochs (never the test set).
   config.data.augment = ml_collections.ConfigDict()
   config.data.augment.enabled = False  # flips and 4-pixel crops would destroy 8×8 digits.
   config.data.augment.crop_padding = 4

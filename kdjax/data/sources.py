@@ -18,17 +18,40 @@ NPZ_KEYS = ('x_train', 'y_train', 'x_test', 'y_test')
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """Images as uint8 `[N, H, W, C]`, labels as int32 `[N]`, for train and test."""
+  """Images as uint8 `[N, H, W, C]`, labels as int32 `[N]`, for train, test and (optionally)
+  a validation split held out of the training set (`hold_out_validation`)."""
   name: str
   x_train: np.ndarray
   y_train: np.ndarray
   x_test: np.ndarray
   y_test: np.ndarray
   num_classes: int
+  x_val: Optional[np.ndarray] = None
+  y_val: Optional[np.ndarray] = None
 
   @property
   def image_shape(self):
     return self.x_train.shape[1:]
+
+
+def hold_out_validation(dataset: Dataset, size: int) -> Dataset:
+  """Moves `size` training images into a validation split; `size = 0` returns `dataset`.
+
+  The images are chosen by a fixed permutation (seed 0), independent of the run's seed, so every
+  seed and every stage of every config is validated on the same images. Model selection on this
+  split, never on the test set, is the protocol of kdjax's reproductions.
+  """
+  if size == 0:
+    return dataset
+  num_train = len(dataset.x_train)
+  if not isinstance(size, int) or size < 0 or size >= num_train:
+    raise KdjaxError(f'{dataset.name}: validation_size must be an integer in [0, {num_train}) '
+                     f'(the training set has {num_train} images), got {size!r}.')
+  order = np.random.default_rng(0).permutation(num_train)
+  val, train = np.sort(order[:size]), np.sort(order[size:])
+  return dataclasses.replace(dataset, x_train=dataset.x_train[train],
+                             y_train=dataset.y_train[train], x_val=dataset.x_train[val],
+                             y_val=dataset.y_train[val])
 
 
 def load(name: str = 'digits', npz: str = '', num_classes: Optional[int] = None,
