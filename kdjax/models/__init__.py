@@ -13,6 +13,7 @@ from kdjax.models import plain_cnn as _plain_cnn
 from kdjax.models import resnet as _resnet
 from kdjax.models import multi_exit as _multi_exit
 from kdjax.models import small as _small
+from kdjax.models.conv import CONVS
 from kdjax.models.plain_cnn import PlainCNN
 from kdjax.models.multi_exit import MultiExitResNet, exit_macs
 from kdjax.models.resnet import CifarResNet, SHORTCUTS
@@ -30,7 +31,12 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
 
 
 def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
-  """Builds the model called `name` (a key of `MODELS`) with `num_classes` outputs."""
+  """Builds the model called `name` (a key of `MODELS`) with `num_classes` outputs.
+
+  `conv` (plain CNNs and ResNets) picks how convolutions are differentiated: `'xla'` (default,
+  `nn.Conv`) or `'matmul_dw'` (`kdjax.models.conv.Conv`: kernel gradients as matrix multiplies,
+  faster on CPU under XLA's default options). The variables and the forward pass are the same.
+  """
   if name not in MODELS:
     raise KdjaxError(f"unknown model '{name}'; choose one of: {', '.join(MODELS)}.")
   if not isinstance(num_classes, int) or num_classes < 2:
@@ -38,8 +44,12 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   if 'shortcut' in kwargs and kwargs['shortcut'] not in SHORTCUTS:
     raise KdjaxError(f"unknown ResNet shortcut '{kwargs['shortcut']}'; choose one of: "
                      f"{', '.join(SHORTCUTS)}.")
+  if 'conv' in kwargs and kwargs['conv'] not in CONVS:
+    raise KdjaxError(f"unknown conv '{kwargs['conv']}'; choose one of: {', '.join(CONVS)}.")
   if 'resnet' not in name:
     kwargs.pop('shortcut', None)
+  if 'resnet' not in name and 'plain_cnn' not in name:
+    kwargs.pop('conv', None)  # LeNet-5 and the MLPs keep nn.Conv / have no convolutions.
   return MODELS[name](num_classes=num_classes, **kwargs)
 
 

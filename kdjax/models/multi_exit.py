@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.models import resnet as _resnet
+from kdjax.models.conv import conv_class
 
 
 class ExitHead(nn.Module):
@@ -32,12 +33,13 @@ class ExitHead(nn.Module):
   width: int
   num_classes: int
   dtype: jnp.dtype = jnp.float32
+  conv: str = 'xla'
 
   @nn.compact
   def __call__(self, x, train: bool):
     for i in range(self.downsamples):
       features = self.width // 2**(self.downsamples - 1 - i)
-      x = nn.Conv(features, (3, 3), strides=(2, 2), padding=1, use_bias=False,
+      x = conv_class(self.conv)(features, (3, 3), strides=(2, 2), padding=1, use_bias=False,
                   kernel_init=_resnet._he_fan_out, dtype=self.dtype)(x)
       x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                dtype=self.dtype)(x))
@@ -51,6 +53,7 @@ class MultiExitResNet(nn.Module):
   stage_widths: Sequence[int] = (16, 32, 64)
   teachers_train_backbone: bool = False
   dtype: jnp.dtype = jnp.float32
+  conv: str = 'xla'  # 'xla' (nn.Conv) or 'matmul_dw'; see kdjax.models.conv.
 
   @property
   def num_exits(self) -> int:
@@ -61,19 +64,19 @@ class MultiExitResNet(nn.Module):
     num_exits = self.num_exits
     stop = num_exits - 1 if last_exit is None else last_exit
     x = x.astype(self.dtype)
-    x = nn.Conv(self.stage_widths[0], (3, 3), padding=1, use_bias=False,
-                kernel_init=_resnet._he_fan_out, dtype=self.dtype, name='stem')(x)
+    x = conv_class(self.conv)(self.stage_widths[0], (3, 3), padding=1, use_bias=False,
+                              kernel_init=_resnet._he_fan_out, dtype=self.dtype, name='stem')(x)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                              dtype=self.dtype, name='stem_bn')(x))
     exits = []
     for stage, width in enumerate(self.stage_widths[:stop + 1]):
       for block in range(self.blocks_per_stage):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = _resnet.BasicBlock(width, strides, self.shortcut, self.dtype,
+        x = _resnet.BasicBlock(width, strides, self.shortcut, self.dtype, self.conv,
                                name=f'stage{stage}_block{block}')(x, train)
       if last_exit is None or stage == last_exit:
         head = ExitHead(num_exits - 1 - stage, self.stage_widths[-1], self.num_classes,
-                        self.dtype, name=f'exit{stage}')
+                        self.dtype, self.conv, name=f'exit{stage}')
         exits.append(head(x, train).astype(jnp.float32))
     exit_logits = jnp.stack(exits)
     weights = self.param('ensemble_weights', lambda key: jnp.eye(num_exits, dtype=jnp.float32))

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from kdjax.errors import KdjaxError
+from kdjax.models.conv import conv_class
 
 Layer = Union[int, str]  # an int is a conv width, 'M' a max-pool.
 
@@ -42,6 +43,7 @@ class PlainCNN(nn.Module):
   hidden_widths: Sequence[int]
   num_classes: int
   dtype: jnp.dtype = jnp.float32
+  conv: str = 'xla'  # 'xla' (nn.Conv) or 'matmul_dw'; see kdjax.models.conv.
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -54,7 +56,7 @@ class PlainCNN(nn.Module):
               'max-pools; use larger images or a shallower plain CNN.')
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       else:
-        x = nn.Conv(layer, (3, 3), padding=1, kernel_init=_torch_default_init, dtype=self.dtype)(x)
+        x = conv_class(self.conv)(layer, (3, 3), padding=1, kernel_init=_torch_default_init, dtype=self.dtype)(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                          dtype=self.dtype)(x)
         x = nn.relu(x)

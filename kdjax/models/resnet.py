@@ -16,6 +16,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kdjax.models.conv import conv_class
+
 SHORTCUTS = ('zero_pad', 'projection')
 BLOCKS_PER_STAGE = {8: 1, 14: 2, 20: 3, 26: 4, 32: 5, 44: 7, 56: 9, 110: 18}
 
@@ -27,11 +29,13 @@ class BasicBlock(nn.Module):
   strides: int
   shortcut: str
   dtype: jnp.dtype
+  conv: str = 'xla'
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = lambda f, k, s: nn.Conv(f, (k, k), strides=(s, s), padding=k // 2, use_bias=False,
-                                   kernel_init=_he_fan_out, dtype=self.dtype)
+    conv = lambda f, k, s: conv_class(self.conv)(f, (k, k), strides=(s, s), padding=k // 2,
+                                                 use_bias=False, kernel_init=_he_fan_out,
+                                                 dtype=self.dtype)
     norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                 dtype=self.dtype)
     y = nn.relu(norm()(conv(self.features, 3, self.strides)(x)))
@@ -54,18 +58,19 @@ class CifarResNet(nn.Module):
   shortcut: str = 'zero_pad'
   stage_widths: Sequence[int] = (16, 32, 64)
   dtype: jnp.dtype = jnp.float32
+  conv: str = 'xla'  # 'xla' (nn.Conv) or 'matmul_dw'; see kdjax.models.conv.
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = x.astype(self.dtype)
-    x = nn.Conv(self.stage_widths[0], (3, 3), padding=1, use_bias=False, kernel_init=_he_fan_out,
-                dtype=self.dtype)(x)
+    x = conv_class(self.conv)(self.stage_widths[0], (3, 3), padding=1, use_bias=False,
+                              kernel_init=_he_fan_out, dtype=self.dtype)(x)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                              dtype=self.dtype)(x))
     for stage, width in enumerate(self.stage_widths):
       for block in range(self.blocks_per_stage):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(width, strides, self.shortcut, self.dtype)(x, train)
+        x = BasicBlock(width, strides, self.shortcut, self.dtype, self.conv)(x, train)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
     return x.astype(jnp.float32)
