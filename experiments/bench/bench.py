@@ -345,7 +345,7 @@ def versions() -> dict:
           'numpy': numpy.__version__}
 
 
-def machine() -> dict:
+def machine(load_at_start) -> dict:
   model = ''
   try:
     with open('/proc/cpuinfo') as f:
@@ -354,7 +354,7 @@ def machine() -> dict:
   except OSError:
     pass
   return {'cpu': model or platform.processor(), 'cores': os.cpu_count(),
-          'platform': platform.platform(), 'load_average_at_start': os.getloadavg(),
+          'platform': platform.platform(), 'load_average_at_start': load_at_start,
           'malloc': os.environ.get('GLIBC_TUNABLES', 'glibc defaults')}
 
 
@@ -364,9 +364,12 @@ def write_markdown(path, result, command, wall_s):
       '# KD train step: kdjax vs PyTorch', '',
       f"Command: `{command}` ({wall_s / 60:.1f} min). Date: {result['date']}.", '',
       f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
-      f"{result['machine']['platform']}; malloc: `{result['machine']['malloc']}`. Load average "
-      f"at start {result['machine']['load_average_at_start'][0]:.2f}, at end "
-      f"{result['machine']['load_average_at_end'][0]:.2f}.", '',
+      f"{result['machine']['platform']}; malloc: `{result['machine']['malloc']}`. 1-minute load "
+      f"average before the run {result['machine']['load_average_at_start'][0]:.2f} (other "
+      f"processes), at its end {result['machine']['load_average_at_end'][0]:.2f} (this run's "
+      f"own threads included, about 2): the cores were "
+      f"{'shared with other work' if result['machine']['load_average_at_start'][0] >= 1 else 'idle'}"
+      f" when it started.", '',
       'Versions: ' + ', '.join(f'{k} {v}' for k, v in result['versions'].items()) + '.', '',
       f"Batch {BATCH}, {IMAGE_SHAPE[0]}×{IMAGE_SHAPE[1]}×{IMAGE_SHAPE[2]} float32, "
       f"{NUM_CLASSES} classes; step time = median of {result['timed_steps']} interleaved steps "
@@ -418,6 +421,7 @@ def main(argv=None):
   # First-call times are cold compilations: no inductor/FX cache from an earlier run (JAX's
   # persistent cache is off unless configured, and this script does not configure it).
   os.environ['TORCHINDUCTOR_FORCE_DISABLE_CACHES'] = '1'
+  load_at_start = os.getloadavg()  # before any work: later values include this script's threads.
 
   import torch
   torch.set_num_threads(args.threads)  # XLA's CPU client uses every core too.
@@ -438,7 +442,7 @@ def main(argv=None):
                       'step_s': sorted(row_times)})
       print(f'{row.pair} {row.framework} {row.variant}: {BATCH / median:.1f} images/s', flush=True)
     del rows
-  result = {'machine': machine(), 'versions': versions(),
+  result = {'machine': machine(load_at_start), 'versions': versions(),
             'date': datetime.date.today().isoformat(),
             'timed_steps': args.rounds * args.steps_per_round, 'rows': results}
   result['machine']['load_average_at_end'] = os.getloadavg()
