@@ -40,7 +40,7 @@ class ExitHead(nn.Module):
     for i in range(self.downsamples):
       features = self.width // 2**(self.downsamples - 1 - i)
       x = conv_class(self.conv)(features, (3, 3), strides=(2, 2), padding=1, use_bias=False,
-                  kernel_init=_resnet._he_fan_out, dtype=self.dtype)(x)
+                                kernel_init=_resnet._he_fan_out, dtype=self.dtype)(x)
       x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                dtype=self.dtype)(x))
     return nn.Dense(self.num_classes, dtype=self.dtype)(jnp.mean(x, axis=(1, 2)))

@@ -56,7 +56,8 @@ class PlainCNN(nn.Module):
               'max-pools; use larger images or a shallower plain CNN.')
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       else:
-        x = conv_class(self.conv)(layer, (3, 3), padding=1, kernel_init=_torch_default_init, dtype=self.dtype)(x)
+        x = conv_class(self.conv)(layer, (3, 3), padding=1, kernel_init=_torch_default_init,
+                                  dtype=self.dtype)(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                          dtype=self.dtype)(x)
         x = nn.relu(x)
