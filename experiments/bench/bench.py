@@ -360,6 +360,7 @@ def machine(load_at_start) -> dict:
 
 def write_markdown(path, result, command, wall_s):
   rows = result['rows']
+  idle = result['machine']['load_average_at_start'][0] < 1
   lines = [
       '# KD train step: kdjax vs PyTorch', '',
       f"Command: `{command}` ({wall_s / 60:.1f} min). Date: {result['date']}.", '',
@@ -368,8 +369,7 @@ def write_markdown(path, result, command, wall_s):
       f"average before the run {result['machine']['load_average_at_start'][0]:.2f} (other "
       f"processes), at its end {result['machine']['load_average_at_end'][0]:.2f} (this run's "
       f"own threads included, about 2): the cores were "
-      f"{'shared with other work' if result['machine']['load_average_at_start'][0] >= 1 else 'idle'}"
-      f" when it started.", '',
+      f"{'idle' if idle else 'shared with other work'} when it started.", '',
       'Versions: ' + ', '.join(f'{k} {v}' for k, v in result['versions'].items()) + '.', '',
       f"Batch {BATCH}, {IMAGE_SHAPE[0]}×{IMAGE_SHAPE[1]}×{IMAGE_SHAPE[2]} float32, "
       f"{NUM_CLASSES} classes; step time = median of {result['timed_steps']} interleaved steps "

@@ -1,4 +1,4 @@
-"""A 2-D convolution whose weight gradient is computed as matrix multiplies; a drop-in for `nn.Conv`.
+"""A 2-D convolution whose weight gradient is computed by matrix multiplies; drop-in for `nn.Conv`.
 
 With its default options, XLA's CPU backend (jaxlib 0.10) lowers the *weight* gradient of the
 small-channel CIFAR layers to a YNNPACK convolution with a 32×32 window that runs on one core at
