@@ -3,6 +3,7 @@ and finite differences; models built with conv='matmul_dw' against conv='xla'.""
 
 import functools
 
+import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -91,7 +92,7 @@ def test_module_matches_flax_conv(k, stride, use_bias):
   x, _ = inputs(k)
   make = lambda cls: cls(4, (k, k), strides=(stride, stride), padding=k // 2, use_bias=use_bias,
                          bias_init=jax.nn.initializers.normal(1.0))
-  ours, flax_conv = make(kconv.Conv), make(kconv.nn.Conv)
+  ours, flax_conv = make(kconv.Conv), make(nn.Conv)
   variables = flax_conv.init(jax.random.key(0), x)
   assert jax.tree_util.tree_structure(ours.init(jax.random.key(0), x)) == (
       jax.tree_util.tree_structure(variables))
