@@ -265,7 +265,7 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
   num_replicas = config.num_replicas if config.num_replicas > 1 else 0
   stage_dir = os.path.join(workdir, 'stages', name)
   os.makedirs(stage_dir, exist_ok=True)
-  model_kwargs = {'shortcut': config.model.resnet_shortcut}
+  model_kwargs = {'shortcut': config.model.resnet_shortcut, 'conv': config.model.conv}
   student = models.get_model(stage.model, dataset.num_classes, **model_kwargs)
   num_train = dataset.x_train.shape[0]
   steps_per_epoch = num_train // t.batch_size  # the last partial batch is dropped, as usual.
@@ -532,7 +532,7 @@ def _check_against_data(config, order, dataset: kd_data.Dataset, mesh) -> None:
                        f'{dataset.num_classes} classes; set --config.kd.tsd_k below the number '
                        'of classes.')
     model = models.get_model(stage.model, dataset.num_classes,
-                             shortcut=config.model.resnet_shortcut)
+                             shortcut=config.model.resnet_shortcut, conv=config.model.conv)
     models.variable_shapes(model, dataset.image_shape)  # raises if the images are too small.
 
 

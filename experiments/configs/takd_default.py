@@ -60,6 +60,9 @@ def get_config():
 
   config.model = ml_collections.ConfigDict()
   config.model.resnet_shortcut = 'zero_pad'  # He et al. option A; 'projection' = TAKD code.
+  # How convolutions are differentiated: 'xla', or 'matmul_dw' (kernel gradients as matmuls; only
+  # faster on CPU under XLA's default options, see experiments/bench). Same variables either way.
+  config.model.conv = 'xla'
 
   # Knowledge-distillation hyper-parameters shared by every 'kd' stage (a stage may override).
   config.kd = ml_collections.ConfigDict()
