@@ -272,14 +272,16 @@ def make_teacher_logits_fn(teacher: nn.Module, normalization: Normalization,
 
 def teacher_logits_table(teacher: nn.Module, teacher_variables, data: DeviceData,
                          normalization: Normalization, batch_size: int,
-                         mesh: Optional[jax.sharding.Mesh] = None) -> jax.Array:
+                         mesh: Optional[jax.sharding.Mesh] = None,
+                         logits_fn: Optional[Callable] = None) -> jax.Array:
   """The teacher's inference-mode logits on every image of `data`: `[N, C]` float32, on device.
 
   Computed once per stage, in batches of `batch_size` (the last one padded), so a stage without
   augmentation pays for the teacher once instead of once per epoch. At 4 bytes per logit the
-  table is small beside the images it indexes (CIFAR-10: 2 MB against 150 MB).
+  table is small beside the images it indexes (CIFAR-10: 2 MB against 150 MB). `logits_fn`: a
+  `make_teacher_logits_fn` result to reuse (built here if None).
   """
-  logits_fn = make_teacher_logits_fn(teacher, normalization, mesh)
+  logits_fn = logits_fn or make_teacher_logits_fn(teacher, normalization, mesh)
   num = data.labels.shape[0]
   parts = []
   for start in range(0, num, batch_size):

@@ -21,12 +21,12 @@ Rows are produced by the functions in `ROW_BUILDERS`; add one there to add rows.
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +58,7 @@ class Row(NamedTuple):
   step: Callable[[], None]
   compile_s: float
   peak_mib: Optional[float]
+  images: int = BATCH  # images trained on per call of `step` (N students × batch for N).
 
 
 def host_data(seed=0):
@@ -73,49 +74,75 @@ def host_data(seed=0):
 # kdjax
 
 
-def kdjax_row(pair: str, label: str, conv: str, no_ynn_conv: bool) -> Row:
-  """kdjax's own `make_train_step` for `pair`, both models built with `conv`; compiled with
-  `kdjax.models.conv.CPU_COMPILER_OPTIONS` if `no_ynn_conv`, else with XLA's defaults."""
+def kdjax_row(pair: str, label: str, conv: str = 'xla', compiler_options=None,
+              replicas: int = 0, mesh=None) -> Row:
+  """kdjax's own `make_train_step` for `pair`, both models built with `conv`.
+
+  `compiler_options=None` is what the library compiles with (on CPU, Eigen convolutions:
+  `kdjax.train.jit`); `{}` is XLA's defaults. `replicas` N > 0 trains N students in one vmapped
+  step; `mesh` shards the batch over its devices.
+  """
   import jax
   import jax.numpy as jnp
-  import ml_collections
   from kdjax import models
+  from kdjax import parallel
   from kdjax import train
-  from kdjax.models import conv as kconv
-  from experiments.configs import takd_default
-  compiler_options = kconv.CPU_COMPILER_OPTIONS if no_ynn_conv else {}
-  teacher_name, student_name = PAIRS[pair]
-  teacher = models.get_model(teacher_name, NUM_CLASSES, conv=conv)
-  student = models.get_model(student_name, NUM_CLASSES, conv=conv)
-  teacher_vars = models.init_variables(teacher, IMAGE_SHAPE, jax.random.key(1))
-  student_vars = models.init_variables(student, IMAGE_SHAPE, jax.random.key(2))
-  loss_config = takd_default.get_config().kd  # every key a stage's loss reads, defaults included.
-  loss_config.update(loss='kd', temperature=TEMPERATURE, kd_weight=KD_WEIGHT,
-                     kl_reduction='batchmean', eta=1.0)
-  augment_config = ml_collections.ConfigDict(dict(enabled=False, crop_padding=4, flip=True))
-  normalization = train.Normalization(mean=jnp.full((3,), 0.5), std=jnp.full((3,), 0.25))
-  tx = train.make_optimizer(ml_collections.ConfigDict(dict(
-      weight_decay=WEIGHT_DECAY, momentum=MOMENTUM, nesterov=False)), lambda _: LR)
-  state = train.create_train_state(student, student_vars, tx)
+  teacher, student, teacher_vars, loss_config, augment_config, normalization = kdjax_setup(
+      pair, conv)
+  tx = train.make_optimizer(ml_train_config(), lambda _: LR)
+  keys = jnp.stack([jax.random.key(2 + r) for r in range(replicas)]) if replicas else \
+      jax.random.key(2)
+  make_state = lambda v: train.create_train_state(student, v, tx)
+  state = (jax.vmap(make_state) if replicas else make_state)(
+      models.init_variables(student, IMAGE_SHAPE, keys))
   images, labels, batches = host_data()
   data = train.DeviceData(jnp.asarray(images), jnp.asarray(labels))
   batches = [jnp.asarray(b) for b in batches]
-  key = jax.random.key(3)
-  step_fn = train.make_train_step(student, teacher, loss_config, augment_config, normalization)
-
+  if mesh is not None:
+    state, teacher_vars, data = parallel.put_replicated((state, teacher_vars, data), mesh)
+    batches = [jax.device_put(b, parallel.batch_sharded(mesh)) for b in batches]
+  step_fn = train.make_train_step(student, teacher, loss_config, augment_config, normalization,
+                                  num_replicas=replicas, mesh=mesh,
+                                  compiler_options=compiler_options)
   start = time.perf_counter()
-  compiled = step_fn.lower(state, teacher_vars, data, batches[0], key).compile(
-      compiler_options=compiler_options)
+  compiled = step_fn.lower(state, teacher_vars, data, batches[0], keys).compile()
   compile_s = time.perf_counter() - start
   box = {'state': state, 'i': 0}
 
   def step():
     box['state'], metrics = compiled(box['state'], teacher_vars, data,
-                                     batches[box['i'] % len(batches)], key)
+                                     batches[box['i'] % len(batches)], keys)
     box['i'] += 1
     jax.block_until_ready(metrics['loss'])
 
-  return Row(pair, 'kdjax', label, step, compile_s, peak_memory_xla(compiled, data))
+  return Row(pair, 'kdjax', label, step, compile_s, peak_memory_xla(compiled, data),
+             BATCH * max(replicas, 1))
+
+
+def kdjax_setup(pair: str, conv: str = 'xla'):
+  """(teacher, student, teacher variables, loss config, augment config, normalization)."""
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  from kdjax import models
+  from kdjax import train
+  from experiments.configs import takd_default
+  teacher_name, student_name = PAIRS[pair]
+  teacher = models.get_model(teacher_name, NUM_CLASSES, conv=conv)
+  student = models.get_model(student_name, NUM_CLASSES, conv=conv)
+  teacher_vars = models.init_variables(teacher, IMAGE_SHAPE, jax.random.key(1))
+  loss_config = takd_default.get_config().kd  # every key a stage's loss reads, defaults included.
+  loss_config.update(loss='kd', temperature=TEMPERATURE, kd_weight=KD_WEIGHT,
+                     kl_reduction='batchmean', eta=1.0)
+  augment_config = ml_collections.ConfigDict(dict(enabled=False, crop_padding=4, flip=True))
+  normalization = train.Normalization(mean=jnp.full((3,), 0.5), std=jnp.full((3,), 0.25))
+  return teacher, student, teacher_vars, loss_config, augment_config, normalization
+
+
+def ml_train_config():
+  import ml_collections
+  return ml_collections.ConfigDict(dict(weight_decay=WEIGHT_DECAY, momentum=MOMENTUM,
+                                        nesterov=False))
 
 
 def peak_memory_xla(compiled, data) -> Optional[float]:
@@ -299,14 +326,124 @@ def peak_memory_torch(step) -> Optional[float]:
 
 
 # --------------------------------------------------------------------------------------------
+# Scale: N students in one program, a whole stage with cached teacher logits, 8 devices.
+
+
+def sequentially(row: Row, n: int, variant: str) -> Row:
+  """`row`'s step `n` times per call: N students trained one after another, each with its own
+  teacher forward. Parameter values do not change a step's cost, so one model stands for N."""
+  def step():
+    for _ in range(n):
+      row.step()
+  return row._replace(variant=variant, step=step, images=n * row.images)
+
+
+def reuse(rows: List[Row], framework: str, variant: str, build: Callable[[], Row]) -> Row:
+  """The already compiled and warmed-up row, if the step rows have it."""
+  return next((r for r in rows if (r.framework, r.variant) == (framework, variant)), None) or \
+      build()
+
+
+def torch_step_row(pair: str, step_rows: List[Row], args) -> Row:
+  variant = args.scale_torch_variant
+  return reuse(step_rows, 'pytorch', variant, lambda: pytorch_row(pair, variant))
+
+
+def student_rows(pair: str, step_rows: List[Row], args) -> List[Row]:
+  """N students: kdjax vmapped (one teacher forward per batch) vs N sequential steps of kdjax
+  and of the `--scale-torch-variant` PyTorch step."""
+  n = args.students
+  kdjax_single = reuse(step_rows, 'kdjax', 'default', lambda: kdjax_row(pair, 'default'))
+  torch_single = torch_step_row(pair, step_rows, args)
+  return [kdjax_row(pair, f'{n} students, vmapped', replicas=n),
+          sequentially(kdjax_single, n, f'{n} students, sequential'),
+          sequentially(torch_single, n, f'{n} students, sequential ({args.scale_torch_variant})')]
+
+
+def stage_rows(pair: str, step_rows: List[Row], args) -> List[Row]:
+  """A whole distillation stage without augmentation (`--stage-epochs` epochs over the
+  `NUM_TRAIN` images): kdjax computes the teacher's logits once (`teacher_logits_table`) and
+  trains on them; PyTorch runs the teacher every step, as the official TAKD code does."""
+  import jax
+  import jax.numpy as jnp
+  from kdjax import models
+  from kdjax import train
+  epochs, steps_per_epoch = args.stage_epochs, NUM_TRAIN // BATCH
+  teacher, student, teacher_vars, loss_config, augment_config, normalization = kdjax_setup(pair)
+  state = train.create_train_state(
+      student, models.init_variables(student, IMAGE_SHAPE, jax.random.key(2)),
+      train.make_optimizer(ml_train_config(), lambda _: LR))
+  images, labels, batches = host_data()
+  data = train.DeviceData(jnp.asarray(images), jnp.asarray(labels))
+  batches = [jnp.asarray(b) for b in batches]
+  key = jax.random.key(3)
+  start = time.perf_counter()
+  logits_fn = train.make_teacher_logits_fn(teacher, normalization)
+  table = train.teacher_logits_table(teacher, teacher_vars, data, normalization, 4 * BATCH,
+                                     logits_fn=logits_fn)
+  cached_step = train.make_train_step(student, teacher, loss_config, augment_config,
+                                      normalization, teacher_logits_cached=True)
+  cached_step = cached_step.lower(state, table, data, batches[0], key).compile()
+  compile_s = time.perf_counter() - start
+  box = {'state': state}
+
+  def kdjax_stage():
+    table = train.teacher_logits_table(teacher, teacher_vars, data, normalization, 4 * BATCH,
+                                       logits_fn=logits_fn)
+    for i in range(epochs * steps_per_epoch):
+      box['state'], metrics = cached_step(box['state'], table, data, batches[i % len(batches)],
+                                          key)
+    jax.block_until_ready(metrics['loss'])
+
+  torch_single = torch_step_row(pair, step_rows, args)
+
+  def torch_stage():
+    for _ in range(epochs * steps_per_epoch):
+      torch_single.step()
+
+  images = epochs * steps_per_epoch * BATCH
+  label = f'stage of {epochs} epochs'
+  return [Row(pair, 'kdjax', f'{label}, cached teacher logits', kdjax_stage, compile_s, None,
+              images),
+          torch_single._replace(variant=f'{label} ({args.scale_torch_variant})',
+                                step=torch_stage, images=images)]
+
+
+def device_rows(pair: str, args) -> List[dict]:
+  """kdjax's step on 8 simulated CPU devices against a 1-device mesh, in a subprocess started
+  with `--xla_force_host_platform_device_count=8` (the device count is fixed at start-up)."""
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8')
+  done = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), '--devices-worker', '--pairs', pair,
+       '--rounds', str(args.scale_rounds), '--steps-per-round', str(args.steps_per_round)],
+      env=env, capture_output=True, text=True)
+  if done.returncode:
+    raise RuntimeError(f'the 8-device worker failed:\n{done.stderr[-3000:]}')
+  line = next(l for l in done.stdout.splitlines() if l.startswith('ROWS '))
+  return json.loads(line[len('ROWS '):])
+
+
+def devices_worker(args) -> None:
+  import jax
+  from kdjax import parallel
+  assert jax.device_count() == 8, jax.devices()
+  for pair in args.pairs:
+    rows = [kdjax_row(pair, '1 device', mesh=parallel.make_mesh(jax.devices()[:1])),
+            kdjax_row(pair, '8 simulated devices (batch split 8 ways)',
+                      mesh=parallel.make_mesh())]
+    times = time_rows(rows, args.rounds, args.steps_per_round)
+    print('ROWS ' + json.dumps([result_row(r, t, 'devices') for r, t in zip(rows, times)]))
+
+
+# --------------------------------------------------------------------------------------------
 # Rows, timing, output
 
-# label: (conv option, no_ynn_conv). CPU_COMPILER_OPTIONS leaves convolutions to Eigen instead
-# of YNNPACK (see kdjax/models/conv.py).
-KDJAX_VARIANTS = {'xla conv': ('xla', False),
-                  'matmul_dw conv': ('matmul_dw', False),
-                  'xla conv, no YNN conv': ('xla', True),
-                  'matmul_dw conv, no YNN conv': ('matmul_dw', True)}
+# label: (conv option, compiler options). None = the library's own (on CPU, convolutions to
+# Eigen instead of YNNPACK: kdjax.train.jit); {} = XLA's defaults.
+KDJAX_VARIANTS = {'default': ('xla', None),
+                  'matmul_dw conv': ('matmul_dw', None),
+                  'XLA default options': ('xla', {})}
 TORCH_VARIANTS = ('eager', 'channels_last', 'compile')
 
 
@@ -320,6 +457,13 @@ def pytorch_rows(pair: str, args) -> List[Row]:
 
 # Each builder maps (pair, args) to rows; add builders (e.g. vmapped students) here.
 ROW_BUILDERS = [kdjax_rows, pytorch_rows]
+
+
+def result_row(row: Row, times: List[float], group: str) -> dict:
+  median = statistics.median(times)
+  return {'pair': row.pair, 'group': group, 'framework': row.framework, 'variant': row.variant,
+          'batch': BATCH, 'images_per_s': row.images / median, 'compile_s': row.compile_s,
+          'peak_mib': row.peak_mib, 'call_s': sorted(times)}
 
 
 def time_rows(rows: List[Row], rounds: int, steps_per_round: int) -> List[List[float]]:
@@ -358,11 +502,31 @@ def machine(load_at_start) -> dict:
           'malloc': os.environ.get('GLIBC_TUNABLES', 'glibc defaults')}
 
 
+GROUPS = {
+    'step': 'One KD train step (teacher forward + student forward/backward + SGD update)',
+    'students': 'N students per batch: kdjax vmapped (one teacher forward) vs one after another',
+    'stage': 'A whole stage without augmentation: kdjax caches the teacher\'s logits once, '
+             'PyTorch runs the teacher every step',
+    'devices': 'kdjax on 8 simulated CPU devices vs a 1-device mesh (same 2 cores; the cost of '
+               'the sharded path)',
+}
+
+
+def baseline(rows: List[dict], row: dict) -> Optional[dict]:
+  """What a row is compared with: the best PyTorch row of its pair and group, or for the
+  'devices' group the 1-device row."""
+  same = [r for r in rows if r['pair'] == row['pair'] and r['group'] == row['group']]
+  if row['group'] == 'devices':
+    return next((r for r in same if r['variant'] == '1 device'), None)
+  return max((r for r in same if r['framework'] == 'pytorch'), key=lambda r: r['images_per_s'],
+             default=None)
+
+
 def write_markdown(path, result, command, wall_s):
   rows = result['rows']
   idle = result['machine']['load_average_at_start'][0] < 1
   lines = [
-      '# KD train step: kdjax vs PyTorch', '',
+      '# Knowledge distillation on CPU: kdjax vs PyTorch', '',
       f"Command: `{command}` ({wall_s / 60:.1f} min). Date: {result['date']}.", '',
       f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
       f"{result['machine']['platform']}; malloc: `{result['machine']['malloc']}`. 1-minute load "
@@ -372,29 +536,30 @@ def write_markdown(path, result, command, wall_s):
       f"{'idle' if idle else 'shared with other work'} when it started.", '',
       'Versions: ' + ', '.join(f'{k} {v}' for k, v in result['versions'].items()) + '.', '',
       f"Batch {BATCH}, {IMAGE_SHAPE[0]}×{IMAGE_SHAPE[1]}×{IMAGE_SHAPE[2]} float32, "
-      f"{NUM_CLASSES} classes; step time = median of {result['timed_steps']} interleaved steps "
-      f"per row after warm-up.", '',
-      '| pair | framework | variant | images/s | ÷ best PyTorch | first call (s) | peak MiB |',
-      '|---|---|---|---:|---:|---:|---:|']
-  for row in rows:
-    best = max((r['images_per_s'] for r in rows
-                if r['pair'] == row['pair'] and r['framework'] == 'pytorch'), default=None)
-    ratio = f"{row['images_per_s'] / best:.2f}" if best else ''
-    peak = f"{row['peak_mib']:.0f}" if row['peak_mib'] is not None else ''
-    lines.append(f"| {row['pair']} | {row['framework']} | {row['variant']} | "
-                 f"{row['images_per_s']:.0f} | {ratio} | {row['compile_s']:.1f} | {peak} |")
-  lines.append('')
-  for pair in dict.fromkeys(r['pair'] for r in rows):
-    best = {fw: max((r for r in rows if r['pair'] == pair and r['framework'] == fw),
-                    key=lambda r: r['images_per_s'], default=None) for fw in ('kdjax', 'pytorch')}
-    if best['kdjax'] and best['pytorch']:
-      lines.append(f"* {pair}: best kdjax ({best['kdjax']['variant']}) / best PyTorch "
-                   f"({best['pytorch']['variant']}) = "
-                   f"{best['kdjax']['images_per_s'] / best['pytorch']['images_per_s']:.2f}.")
-  lines += ['', 'Peak MiB: kdjax = XLA buffer assignment of the step (arguments + outputs + '
-            'temporaries − donated − the training set); PyTorch = peak of the CPU allocator\'s '
-            'bytes in use during one step (profiler). First call: jit lower + compile (kdjax), '
-            'the first step (PyTorch; for `compile` this is torch.compile\'s compilation).', '']
+      f"{NUM_CLASSES} classes. images/s = images trained on per call ÷ the median call time "
+      f"(single steps: {result['timed_steps']} interleaved calls per row after warm-up; the "
+      f"other groups: {result['scale_calls']} calls). For N students, images count once per "
+      'student.', '']
+  for group, title in GROUPS.items():
+    members = [r for r in rows if r['group'] == group]
+    if not members:
+      continue
+    lines += [f'## {title}', '',
+              '| pair | framework | variant | images/s | ratio | first call (s) | peak MiB |',
+              '|---|---|---|---:|---:|---:|---:|']
+    for row in members:
+      base = baseline(rows, row)
+      ratio = f"{row['images_per_s'] / base['images_per_s']:.2f}" if base else ''
+      peak = f"{row['peak_mib']:.0f}" if row['peak_mib'] is not None else ''
+      lines.append(f"| {row['pair']} | {row['framework']} | {row['variant']} | "
+                   f"{row['images_per_s']:.0f} | {ratio} | {row['compile_s']:.1f} | {peak} |")
+    lines.append('')
+  lines += ['Ratio: images/s ÷ the best PyTorch row of the same pair and table (for the devices '
+            'table, ÷ the 1-device row). Peak MiB: kdjax = XLA buffer assignment of the step '
+            '(arguments + outputs + temporaries − donated − the training set); PyTorch = peak of '
+            'the CPU allocator\'s bytes in use during one step (profiler). First call: jit lower + '
+            'compile (kdjax; for the stage, also the teacher-logits program), the first step '
+            '(PyTorch; for `compile` this is torch.compile\'s compilation).', '']
   with open(path, 'w') as f:
     f.write('\n'.join(lines))
 
@@ -411,8 +576,21 @@ def main(argv=None):
   parser.add_argument('--threads', type=int, default=os.cpu_count())
   parser.add_argument('--no-hugepages', action='store_true',
                       help='keep glibc malloc\'s defaults (4 KiB pages faulted in every step)')
+  parser.add_argument('--students', type=int, default=8,
+                      help='N for the N-students rows (0: skip them)')
+  parser.add_argument('--stage-epochs', type=int, default=4,
+                      help='epochs of the whole-stage rows (0: skip them)')
+  parser.add_argument('--no-devices', action='store_true', help='skip the 8-device rows')
+  parser.add_argument('--scale-torch-variant', default='compile', choices=TORCH_VARIANTS,
+                      help='the PyTorch step that the N-students and stage rows repeat')
+  parser.add_argument('--scale-rounds', type=int, default=3,
+                      help='timed calls per row for the N-students, stage and device rows')
+  parser.add_argument('--devices-worker', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--out', default=HERE, help='folder for results.json and results.md')
   args = parser.parse_args(argv)
+  if args.devices_worker:
+    devices_worker(args)
+    return
 
   if not args.no_hugepages and TUNABLE not in os.environ.get('GLIBC_TUNABLES', ''):
     env = dict(os.environ)
@@ -429,22 +607,31 @@ def main(argv=None):
   wall_start = time.perf_counter()
   results = []
   for pair in args.pairs:
-    rows = [row for builder in ROW_BUILDERS for row in builder(pair, args)]
-    for row in rows:
-      print(f'{row.pair} {row.framework} {row.variant}: first call {row.compile_s:.1f} s',
-            flush=True)
-    times = time_rows(rows, args.rounds, args.steps_per_round)
-    for row, row_times in zip(rows, times):
-      median = statistics.median(row_times)
-      results.append({'pair': row.pair, 'framework': row.framework, 'variant': row.variant,
-                      'batch': BATCH, 'images_per_s': BATCH / median,
-                      'compile_s': row.compile_s, 'peak_mib': row.peak_mib,
-                      'step_s': sorted(row_times)})
-      print(f'{row.pair} {row.framework} {row.variant}: {BATCH / median:.1f} images/s', flush=True)
-    del rows
+    step_rows = [row for builder in ROW_BUILDERS for row in builder(pair, args)]
+    groups = [('step', step_rows, args.rounds, args.steps_per_round)]
+    if args.students:
+      groups.append(('students', student_rows(pair, step_rows, args), args.scale_rounds, 1))
+    if args.stage_epochs:
+      groups.append(('stage', stage_rows(pair, step_rows, args), args.scale_rounds, 1))
+    for group, rows, rounds, calls_per_round in groups:
+      for row in rows:
+        print(f'{row.pair} {group} {row.framework} {row.variant}: first call '
+              f'{row.compile_s:.1f} s', flush=True)
+      times = time_rows(rows, rounds, calls_per_round)
+      for row, row_times in zip(rows, times):
+        results.append(result_row(row, row_times, group))
+        print(f"{row.pair} {group} {row.framework} {row.variant}: "
+              f"{results[-1]['images_per_s']:.1f} images/s", flush=True)
+    del step_rows, groups
+    if not args.no_devices:
+      results += device_rows(pair, args)
+      for row in results[-2:]:
+        print(f"{row['pair']} devices kdjax {row['variant']}: {row['images_per_s']:.1f} images/s",
+              flush=True)
   result = {'machine': machine(load_at_start), 'versions': versions(),
             'date': datetime.date.today().isoformat(),
-            'timed_steps': args.rounds * args.steps_per_round, 'rows': results}
+            'timed_steps': args.rounds * args.steps_per_round, 'scale_calls': args.scale_rounds,
+            'rows': results}
   result['machine']['load_average_at_end'] = os.getloadavg()
   command = shlex.join(['python', 'experiments/bench/bench.py',
                         *(argv if argv is not None else sys.argv[1:])])
