@@ -102,6 +102,9 @@ def stage_order(config: ml_collections.ConfigDict) -> List[str]:
   """
   if not config.stages or not config.stages.keys():
     raise KdjaxError('config.stages is empty; define at least one stage.')
+  if config.get('replica_batching') not in train.REPLICA_BATCHING:
+    raise KdjaxError(f"unknown replica_batching '{config.get('replica_batching')}'; choose one "
+                     f"of: {', '.join(train.REPLICA_BATCHING)}.")
   replicas = config.get('num_replicas')
   if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
     raise KdjaxError(f'config.num_replicas must be an integer >= 1 (students trained at once), '
@@ -324,7 +327,7 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
     train_step = train.make_train_step(student, teacher, _loss_config(stage), config.data.augment,
                                        normalization, skip_nonfinite=t.nan_policy == 'skip',
                                        teacher_logits_cached=cached, num_replicas=num_replicas,
-                                       mesh=mesh)
+                                       mesh=mesh, replica_batching=config.replica_batching)
     multi_exit = models.is_multi_exit(stage.model)
     eval_step = train.make_eval_step(normalization, multi_exit, num_replicas=num_replicas,
                                      mesh=mesh)

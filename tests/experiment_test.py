@@ -95,6 +95,8 @@ BAD_INPUTS = {
     'temperature': (lambda p: ['--config.kd.temperature=0'], 'temperature must be > 0'),
     'kd_weight': (lambda p: ['--config.kd.kd_weight=1.5'], r'kd_weight must lie in \[0, 1\]'),
     'num_replicas': (lambda p: ['--config.num_replicas=0'], 'num_replicas must be an integer >= 1'),
+    'replica batching': (lambda p: ['--config.replica_batching=pmap'],
+                         "unknown replica_batching 'pmap'; choose one of: auto, vmap, unroll"),
     'conv': (lambda p: ['--config.model.conv=im2col'],
              "unknown conv 'im2col'; choose one of: xla, matmul_dw"),
     'validation size': (lambda p: ['--config.data.validation_size=5000'],

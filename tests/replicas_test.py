@@ -77,14 +77,15 @@ def test_init_with_n_keys_stacks_what_each_key_gives_alone():
       np.testing.assert_array_equal(a, b[r])
 
 
-def test_vmapped_students_each_train_as_they_would_alone():
+@pytest.mark.parametrize('batching', ['vmap', 'unroll'])
+def test_replicated_students_each_train_as_they_would_alone(batching):
   # Noisy-teacher loss: each replica also draws its own logit noise from its own key.
   config = loss_config('noisy_l2', noise_alpha=0.5, noise_sigma=0.3)
   teacher_variables = models.init_variables(TEACHER, (8, 8, 1), jax.random.key(9))
   keys = jnp.stack([jax.random.key(s) for s in (3, 4, 5)])
   train_data = data()
   vmapped = train.make_train_step(STUDENT, TEACHER, config, augment_config(), NORM,
-                                  num_replicas=3)
+                                  num_replicas=3, replica_batching=batching)
   together, metrics = run_steps(vmapped, states(keys, True), teacher_variables, train_data, keys)
   assert np.asarray(metrics['loss']).shape == (3,)
   single = train.make_train_step(STUDENT, TEACHER, config, augment_config(), NORM)
@@ -107,7 +108,7 @@ def test_replicas_share_one_teacher_forward():
     keys = jnp.stack([jax.random.key(s) for s in range(replicas)]) if replicas else \
         jax.random.key(0)
     step = train.make_train_step(STUDENT, teacher, loss_config(loss), augment_config(), NORM,
-                                 num_replicas=replicas)
+                                 num_replicas=replicas, replica_batching='vmap')
     compiled = step.lower(states(keys, bool(replicas)), teacher_variables if teacher else {},
                           train_data, indices, keys).compile()
     return compiled.cost_analysis()['flops']

@@ -75,12 +75,12 @@ def host_data(seed=0):
 
 
 def kdjax_row(pair: str, label: str, conv: str = 'xla', compiler_options=None,
-              replicas: int = 0, mesh=None) -> Row:
+              replicas: int = 0, mesh=None, replica_batching: str = 'auto') -> Row:
   """kdjax's own `make_train_step` for `pair`, both models built with `conv`.
 
   `compiler_options=None` is what the library compiles with (on CPU, Eigen convolutions:
-  `kdjax.train.jit`); `{}` is XLA's defaults. `replicas` N > 0 trains N students in one vmapped
-  step; `mesh` shards the batch over its devices.
+  `kdjax.train.jit`); `{}` is XLA's defaults. `replicas` N > 0 trains N students in one
+  step (`replica_batching` 'vmap' or 'unroll'); `mesh` shards the batch over its devices.
   """
   import jax
   import jax.numpy as jnp
@@ -103,7 +103,8 @@ def kdjax_row(pair: str, label: str, conv: str = 'xla', compiler_options=None,
     batches = [jax.device_put(b, parallel.batch_sharded(mesh)) for b in batches]
   step_fn = train.make_train_step(student, teacher, loss_config, augment_config, normalization,
                                   num_replicas=replicas, mesh=mesh,
-                                  compiler_options=compiler_options)
+                                  compiler_options=compiler_options,
+                                  replica_batching=replica_batching)
   start = time.perf_counter()
   compiled = step_fn.lower(state, teacher_vars, data, batches[0], keys).compile()
   compile_s = time.perf_counter() - start
@@ -350,12 +351,15 @@ def torch_step_row(pair: str, step_rows: List[Row], args) -> Row:
 
 
 def student_rows(pair: str, step_rows: List[Row], args) -> List[Row]:
-  """N students: kdjax vmapped (one teacher forward per batch) vs N sequential steps of kdjax
-  and of the `--scale-torch-variant` PyTorch step."""
+  """N students: kdjax in one step (one teacher forward per batch; the student updates vmapped
+  or unrolled) vs N sequential steps of kdjax and of the `--scale-torch-variant` PyTorch step."""
   n = args.students
   kdjax_single = reuse(step_rows, 'kdjax', 'default', lambda: kdjax_row(pair, 'default'))
   torch_single = torch_step_row(pair, step_rows, args)
-  return [kdjax_row(pair, f'{n} students, vmapped', replicas=n),
+  return [kdjax_row(pair, f'{n} students in one step, vmapped', replicas=n,
+                    replica_batching='vmap'),
+          kdjax_row(pair, f'{n} students in one step, unrolled', replicas=n,
+                    replica_batching='unroll'),
           sequentially(kdjax_single, n, f'{n} students, sequential'),
           sequentially(torch_single, n, f'{n} students, sequential ({args.scale_torch_variant})')]
 
@@ -504,7 +508,8 @@ def machine(load_at_start) -> dict:
 
 GROUPS = {
     'step': 'One KD train step (teacher forward + student forward/backward + SGD update)',
-    'students': 'N students per batch: kdjax vmapped (one teacher forward) vs one after another',
+    'students': 'N students per batch: kdjax in one step (one teacher forward) vs one after '
+                'another',
     'stage': 'A whole stage without augmentation: kdjax caches the teacher\'s logits once, '
              'PyTorch runs the teacher every step',
     'devices': 'kdjax on 8 simulated CPU devices vs a 1-device mesh (same 2 cores; the cost of '

@@ -96,6 +96,9 @@ def get_config():
   # N > 1 trains N students per stage at once (jax.vmap), seeds seed … seed + N − 1, sharing each
   # batch and one teacher forward pass; the table then reports mean ± std over the N.
   config.num_replicas = 1
+  # How the N student updates run: 'vmap' (batched; fast on GPU/TPU), 'unroll' (N copies in the
+  # step; XLA's CPU grouped convolutions are slow), 'auto' (unroll on CPU, else vmap).
+  config.replica_batching = 'auto'
 
   config.progress_bar = True
   config.compilation_cache_dir = '~/.cache/kdjax/xla'  # '' disables JAX's persistent cache.
