@@ -527,8 +527,9 @@ def baseline(rows: List[dict], row: dict) -> Optional[dict]:
              default=None)
 
 
-def write_markdown(path, result, command, wall_s):
-  rows = result['rows']
+def write_markdown(path, result):
+  """`results.md` from `results.json`'s content alone (tests/bench_test.py checks the two agree)."""
+  rows, command, wall_s = result['rows'], result['command'], result['wall_s']
   idle = result['machine']['load_average_at_start'][0] < 1
   lines = [
       '# Knowledge distillation on CPU: kdjax vs PyTorch', '',
@@ -640,11 +641,11 @@ def main(argv=None):
   result['machine']['load_average_at_end'] = os.getloadavg()
   command = shlex.join(['python', 'experiments/bench/bench.py',
                         *(argv if argv is not None else sys.argv[1:])])
+  result.update(command=command, wall_s=time.perf_counter() - wall_start)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, 'results.json'), 'w') as f:
     json.dump(result, f, indent=1)
-  write_markdown(os.path.join(args.out, 'results.md'), result, command,
-                 time.perf_counter() - wall_start)
+  write_markdown(os.path.join(args.out, 'results.md'), result)
 
 
 if __name__ == '__main__':

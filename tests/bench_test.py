@@ -1,0 +1,29 @@
+"""The committed benchmark table is the committed results.json, rendered (no PyTorch needed)."""
+
+import importlib.util
+import json
+import os
+
+from conftest import REPO
+
+BENCH = os.path.join(REPO, 'experiments', 'bench')
+
+
+def load_bench():
+  spec = importlib.util.spec_from_file_location('bench', os.path.join(BENCH, 'bench.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_committed_results_md_is_rendered_from_results_json(tmp_path):
+  with open(os.path.join(BENCH, 'results.json')) as f:
+    result = json.load(f)
+  required = {'pair', 'group', 'framework', 'variant', 'batch', 'images_per_s', 'compile_s',
+              'peak_mib'}
+  assert result['rows'] and all(required <= set(row) for row in result['rows'])
+  assert {'machine', 'versions', 'date', 'command', 'wall_s'} <= set(result)
+  assert result['wall_s'] < 600  # the issue: one command, under 10 minutes here.
+  load_bench().write_markdown(tmp_path / 'results.md', result)
+  with open(os.path.join(BENCH, 'results.md')) as f:
+    assert f.read() == (tmp_path / 'results.md').read_text()
