@@ -141,16 +141,39 @@ def stage_loss(student_logits, teacher_logits, labels, loss_config, noise_key):
 
 
 def jit(fn: Callable, compiler_options: Optional[dict] = None, **kwargs) -> Callable:
-  """`jax.jit`, with `CPU_COMPILER_OPTIONS` on the CPU backend unless `compiler_options` is given
-  (`{}`: XLA's defaults).
+  """`jax.jit`, compiled with `CPU_COMPILER_OPTIONS` on the CPU backend unless `compiler_options`
+  is given (`{}`: XLA's defaults).
 
   jaxlib 0.10 hands CPU convolutions to YNNPACK, which ran the CIFAR networks' small-channel
   layers on one core; the options give convolutions back to Eigen (ResNet-110 → ResNet-8 KD
-  step: 106 → 160 images/s on 2 cores, `experiments/bench/`). GPU and TPU compile as usual.
+  step: 100 → 152 images/s on 2 cores, `experiments/bench/`). GPU and TPU compile as usual.
   """
   if compiler_options is None and jax.default_backend() == 'cpu':
     compiler_options = CPU_COMPILER_OPTIONS
-  return jax.jit(fn, compiler_options=compiler_options or None, **kwargs)
+  if not compiler_options:
+    return jax.jit(fn, **kwargs)
+  return _TopLevelOptionsJit(fn, compiler_options, kwargs)
+
+
+class _TopLevelOptionsJit:
+  """A jitted function whose top-level calls compile with `compiler_options`.
+
+  JAX accepts compiler options only on a top-level jit, so a step called inside a user's own
+  `jit`, `vmap`, `scan` or `make_jaxpr` (its arguments are tracers) is traced as a plain jitted
+  function instead, and the outer program's options apply.
+  """
+
+  def __init__(self, fn: Callable, compiler_options: dict, jit_kwargs: dict):
+    self._tuned = jax.jit(fn, compiler_options=compiler_options, **jit_kwargs)
+    self._plain = jax.jit(fn, **jit_kwargs)
+
+  def __call__(self, *args):
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args)):
+      return self._plain(*args)
+    return self._tuned(*args)
+
+  def lower(self, *args):
+    return self._tuned.lower(*args)
 
 
 def augments(augment_config: ml_collections.ConfigDict) -> bool:

@@ -32,6 +32,14 @@ def run_cli(env, workdir, config='experiments/configs/takd_default.py', *overrid
                         capture_output=True, text=True, **kwargs)
 
 
+def finished_run(env, tmp_path_factory, name, config, *overrides):
+  """A completed CLI run in a fresh folder, for module fixtures that read or resume it."""
+  workdir = tmp_path_factory.mktemp(name) / 'run'
+  done = run_cli(env, workdir, config, *overrides)
+  assert done.returncode == 0, done.stderr
+  return workdir
+
+
 def write_npz(path, image_shape=(6, 6, 3), num_train=20, num_test=8, num_classes=3, **changes):
   """A small random dataset in kdjax's npz layout; `changes` replace arrays (None drops one)."""
   rng = np.random.default_rng(0)

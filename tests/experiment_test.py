@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, cli_command, folder_digest, run_cli, write_npz
+from conftest import REPO, cli_command, finished_run, folder_digest, run_cli, write_npz
 
 TINY = 'tests/configs/tiny_chain.py'
 
@@ -149,10 +149,7 @@ BAD_INPUTS = {
 
 @pytest.fixture(scope='module')
 def existing_run(cli_env, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('existing') / 'run'
-  done = run_cli(cli_env, workdir, TINY, '--config.train.epochs=1')
-  assert done.returncode == 0, done.stderr
-  return workdir
+  return finished_run(cli_env, tmp_path_factory, 'existing', TINY, '--config.train.epochs=1')
 
 
 def test_the_bad_input_table_is_large_enough():

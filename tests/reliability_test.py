@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, cli_command, folder_digest, run_cli
+from conftest import REPO, cli_command, finished_run, folder_digest, run_cli
 
 TINY = 'tests/configs/tiny_chain.py'
 TIMING_KEYS = {'wall_s', 'compile_s', 'images_per_s', 'finished_at'}
@@ -51,10 +51,7 @@ def results_without_timing(workdir):
 
 @pytest.fixture(scope='module')
 def reference_run(cli_env, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('reference') / 'run'
-  done = run_cli(cli_env, workdir, TINY)
-  assert done.returncode == 0, done.stderr
-  return workdir
+  return finished_run(cli_env, tmp_path_factory, 'reference', TINY)
 
 
 def start(cli_env, workdir):

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO, cli_command, run_cli
+from conftest import REPO, cli_command, finished_run, run_cli
 from experiments.configs import takd_default
 from kdjax import models
 from kdjax import train
@@ -163,10 +163,7 @@ def test_bfloat16_teacher_computes_in_bfloat16_close_to_float32():
 
 @pytest.fixture(scope='module')
 def replicated_run(cli_env, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('replicas') / 'run'
-  done = run_cli(cli_env, workdir, TINY, '--config.num_replicas=2')
-  assert done.returncode == 0, done.stderr
-  return workdir
+  return finished_run(cli_env, tmp_path_factory, 'replicas', TINY, '--config.num_replicas=2')
 
 
 def test_replicated_run_reports_mean_and_std(replicated_run):

@@ -151,3 +151,25 @@ def test_evaluate_matches_numpy_over_a_padded_last_batch():
   np.testing.assert_allclose(got['test_nontrue_mass'], 1 - probs[np.arange(16), labels].mean(),
                              rtol=1e-5)
   np.testing.assert_allclose(got['test_entropy'], -(probs * log_probs).sum(-1).mean(), rtol=1e-5)
+
+
+def test_train_step_composes_inside_a_users_own_jit():
+  # kdjax compiles its steps with CPU-only XLA options, which JAX allows only at the top level;
+  # inside a user's jit (here: two steps in one lax.scan) the step must trace as a plain function.
+  teacher = models.get_model('plain_cnn_2', 3)
+  teacher_variables = models.init_variables(teacher, (8, 8, 1), jax.random.key(2))
+  step, state, batch = make_step(teacher)
+  indices, key = jnp.arange(16), jax.random.key(0)
+  copy = jax.tree_util.tree_map(jnp.array, state)  # the step donates its state.
+
+  @jax.jit
+  def two_steps(state):
+    body = lambda s, _: (step(s, teacher_variables, batch, indices, key)[0], None)
+    return jax.lax.scan(body, state, None, length=2)[0]
+
+  scanned = two_steps(copy)
+  for _ in range(2):
+    state, _ = step(state, teacher_variables, batch, indices, key)
+  for a, b in zip(jax.tree_util.tree_leaves(scanned.params),
+                  jax.tree_util.tree_leaves(state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
