@@ -80,3 +80,23 @@ def test_multi_exit_model_and_loss_must_match():
     experiment.stage_order(config)
   cifar = importlib.import_module('experiments.configs.mate_cifar10').get_config()
   assert {s.model for s in cifar.stages.values()} == {'multi_exit_resnet20'}
+
+
+def test_takd_reproduction_config_follows_the_protocol():
+  from experiments.configs import repro_takd_cifar10_cnn
+  config = repro_takd_cifar10_cnn.get_config()
+  order = experiment.stage_order(config)
+  assert config.data.validation_size == 5000 and config.num_replicas >= 3
+  assert not config.data.augment.enabled  # TAKD's setting; the teacher's logits are cached.
+
+  def path_to_teacher(name):
+    models = [config.stages[name].model]
+    while config.stages[name].teacher:
+      name = config.stages[name].teacher
+      models.append(config.stages[name].model)
+    return [int(m.rsplit('_', 1)[1]) for m in models]
+
+  assert path_to_teacher('path_2') == [2, 4, 6, 8, 10]
+  assert path_to_teacher('blkd') == [2, 10] and path_to_teacher('nokd') == [2]
+  assert {path_to_teacher(f'takd_via_ta{d}')[1] for d in (8, 6, 4)} == {8, 6, 4}
+  assert order.index('teacher') == 0 and len(order) == 12
