@@ -1,9 +1,11 @@
 """Train state, optimiser, learning-rate schedules, and the jitted train and eval steps.
 
-`make_train_step` returns a pure function `(state, teacher_variables, data, batch_indices, key)
+`make_train_step` returns a pure function `(state, teacher_input, data, batch_indices, key)
 → (state, metrics)`: the batch is gathered from the device-resident training set, augmented and
-normalised inside `jit`, the teacher (if any) runs in inference mode under `stop_gradient`, and the
-student takes one SGD step. The state argument is donated.
+normalised inside `jit`, the teacher (if any) runs in inference mode under `stop_gradient` (or its
+cached logits are gathered), and the student takes one SGD step. The state argument is donated.
+The same step shards the batch over a device mesh (`kdjax.parallel`) and trains N stacked
+students at once (`num_replicas`).
 """
 
 from typing import Any, Callable, NamedTuple, Optional
