@@ -31,6 +31,7 @@ def get_config():
   config.data.validation_size = 5000
   config.num_replicas = 3
   config.train.epochs = 20
+  config.train.checkpoint_every_steps = 100  # a few minutes of CPU: a killed session loses little.
 
   config.stages = ml_collections.ConfigDict()
   config.stages.teacher = stage('plain_cnn_10')
