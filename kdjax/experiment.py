@@ -259,10 +259,10 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
   """Trains (or resumes, or skips if finished) one stage and returns its result.
 
   With `config.num_replicas` N > 1 the stage trains N students in one step (vmapped or unrolled,
-  `config.replica_batching`): replica r
-  is initialised from seed `config.seed + r` and draws its loss noise from it; all share the
-  batches, their order and augmentation (seed `config.seed`), and the teacher, which is replica 0
-  of the teacher stage. Sharing the data is what lets one teacher forward serve all N.
+  `config.replica_batching`): replica r is initialised from seed `config.seed + r` and draws its
+  loss noise from it; all share the batches, their order and augmentation (seed `config.seed`),
+  and the teacher, which is replica 0 of the teacher stage. Sharing the data is what lets one
+  teacher forward serve all N.
   """
   stage = stage_config(config, name)
   t = stage.train
