@@ -405,10 +405,20 @@ def stage_rows(pair: str, step_rows: List[Row], args) -> List[Row]:
     for _ in range(epochs * steps_per_epoch):
       torch_single.step()
 
+  box['i'] = 0
+
+  def kdjax_cached_step():  # what every epoch after the cache pass costs, per step.
+    box['state'], metrics = cached_step(box['state'], table, data,
+                                        batches[box['i'] % len(batches)], key)
+    box['i'] += 1
+    jax.block_until_ready(metrics['loss'])
+
   images = epochs * steps_per_epoch * BATCH
   label = f'stage of {epochs} epochs'
   return [Row(pair, 'kdjax', f'{label}, cached teacher logits', kdjax_stage, compile_s, None,
               images),
+          Row(pair, 'kdjax', 'one step on cached logits (a long stage\'s limit)',
+              kdjax_cached_step, compile_s, None, BATCH),
           torch_single._replace(variant=f'{label} ({args.scale_torch_variant})',
                                 step=torch_stage, images=images)]
 
