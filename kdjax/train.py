@@ -148,7 +148,7 @@ def jit(fn: Callable, compiler_options: Optional[dict] = None, **kwargs) -> Call
 
   jaxlib 0.10 hands CPU convolutions to YNNPACK, which ran the CIFAR networks' small-channel
   layers on one core; the options give convolutions back to Eigen (ResNet-110 → ResNet-8 KD
-  step: 100 → 152 images/s on 2 cores, `experiments/bench/`). GPU and TPU compile as usual.
+  step: 120 → 169 images/s on 2 cores, `experiments/bench/`). GPU and TPU compile as usual.
   """
   if compiler_options is None and jax.default_backend() == 'cpu':
     compiler_options = CPU_COMPILER_OPTIONS
@@ -212,7 +212,7 @@ def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
       program; a convolution with N stacked kernels becomes a grouped convolution, which GPUs and
       TPUs run well. `'unroll'`: N copies of the single-student update in the one program (N×
       the compile time), each at single-student speed: XLA's CPU grouped convolutions are slow
-      (8 ResNet-8 students: 298 images/s vmapped, 528 unrolled; `experiments/bench`). `'auto'`:
+      (8 ResNet-8 students: 263 images/s vmapped, 555 unrolled; `experiments/bench`). `'auto'`:
       `'unroll'` on CPU, `'vmap'` elsewhere. Both share one teacher forward pass and give the
       same students.
 
