@@ -250,6 +250,11 @@ def _replica_keys(config, name: str, purpose: str, num_replicas: int) -> jax.Arr
   return jnp.stack([_stage_key(config.seed + r, name, purpose) for r in range(num_replicas)])
 
 
+def _first_replica(tree, num_replicas: int):
+  """Replica 0 of a stacked tree; the tree itself when there are no replicas."""
+  return jax.tree_util.tree_map(lambda x: x[0], tree) if num_replicas else tree
+
+
 def _step_of(state) -> int:
   return int(np.ravel(jax.device_get(state.step))[0])  # replicas share one step count.
 
@@ -314,9 +319,8 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
       teacher_input = checkpoints.load_final_variables(
           os.path.join(workdir, 'stages', stage.teacher),
           _stacked_shapes(models.variable_shapes(teacher, dataset.image_shape), num_replicas))
-      if num_replicas:  # every replica learns from the teacher stage's replica 0.
-        teacher_input = jax.tree_util.tree_map(lambda x: x[0], teacher_input)
-      teacher_input = parallel.put_replicated(teacher_input, mesh)
+      # Every replica learns from the teacher stage's replica 0.
+      teacher_input = parallel.put_replicated(_first_replica(teacher_input, num_replicas), mesh)
       cached = stage.kd.cache_teacher_logits and not train.augments(config.data.augment)
       if cached:  # one teacher pass over the training set instead of one per epoch.
         cache_start = time.perf_counter()
@@ -395,13 +399,11 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
     history = _read_metrics(metrics_path)
     last = history[-1]
     mean = lambda key: float(np.mean(last[key]))  # a replica list, or one number.
-    first_replica = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree) if num_replicas \
-        else tree
     result = StageResult(
         name=name, model=stage.model, teacher=stage.teacher, loss=stage.loss,
         test_accuracy=mean('test_accuracy'), test_loss=mean('test_loss'),
         test_nontrue_mass=mean('test_nontrue_mass'), test_entropy=mean('test_entropy'),
-        params=models.count_params(first_replica(state.params)), epochs=t.epochs,
+        params=models.count_params(_first_replica(state.params, num_replicas)), epochs=t.epochs,
         wall_s=wall_s_before + time.perf_counter() - start, compile_s=compile_s,
         images_per_s=float(np.median([m['images_per_s'] for m in history])),
         skipped_steps=int(sum(m.get('skipped_steps', 0) for m in history)))
@@ -413,7 +415,8 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
       result.replicas = {'seeds': [config.seed + r for r in range(num_replicas)],
                          'test_accuracy': last['test_accuracy'], 'test_loss': last['test_loss']}
     if multi_exit:
-      variables = first_replica({'params': state.params, 'batch_stats': state.batch_stats})
+      variables = _first_replica({'params': state.params, 'batch_stats': state.batch_stats},
+                                 num_replicas)
       result.exits = {'test_accuracy': np.mean(last['test_accuracy_exits'], axis=0).tolist()
                                        if num_replicas else last['test_accuracy_exits'],
                       'ensemble_test_accuracy': mean('test_accuracy_ensemble'),

@@ -327,12 +327,18 @@ def teacher_logits_table(teacher: nn.Module, teacher_variables, data: DeviceData
   """
   logits_fn = logits_fn or make_teacher_logits_fn(teacher, normalization, mesh)
   num = data.labels.shape[0]
-  parts = []
-  for start in range(0, num, batch_size):
-    indices = jnp.minimum(jnp.arange(start, start + batch_size), num - 1)
-    parts.append(logits_fn(teacher_variables, data, indices))
+  parts = [logits_fn(teacher_variables, data, indices)
+           for indices, _ in _padded_batches(num, batch_size)]
   table = jnp.concatenate(parts)[:num]
   return table if mesh is None else parallel.put_replicated(table, mesh)
+
+
+def _padded_batches(num: int, batch_size: int):
+  """`(indices [batch_size], mask [batch_size])` covering rows `0 … num − 1` in order; the last
+  batch repeats row `num − 1` where `mask` is 0, so every batch has one shape (one compile)."""
+  for start in range(0, num, batch_size):
+    indices = jnp.arange(start, start + batch_size)
+    yield jnp.minimum(indices, num - 1), (indices < num).astype(jnp.float32)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -386,12 +392,8 @@ def evaluate(eval_step: Callable, state: TrainState, test_data: DeviceData,
              batch_size: int) -> dict:
   """Test loss and accuracy over a whole device-resident split (lists, one per replica, for a
   replicated state)."""
-  num = test_data.labels.shape[0]
   totals = None
-  for start in range(0, num, batch_size):
-    indices = jnp.arange(start, start + batch_size)
-    mask = (indices < num).astype(jnp.float32)
-    indices = jnp.minimum(indices, num - 1)
+  for indices, mask in _padded_batches(test_data.labels.shape[0], batch_size):
     sums = eval_step(state, test_data, indices, mask)
     totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
