@@ -1,6 +1,6 @@
 """Stages and chains: train teacher → assistant(s) → student, each stage checkpointed and resumable.
 
-A config's `stages` maps a stage name to `{model, loss, teacher, train, kd}`. Stages run teachers
+A config's `stages` maps a stage name to `{model, loss, teacher, num_replicas, train, kd}`. Stages run teachers
 first (a topological order, ties broken by name). Each stage lives in `WORKDIR/stages/<name>/`:
 
   checkpoints/   Orbax `CheckpointManager`: every epoch (and every `checkpoint_every_steps`), the
@@ -35,7 +35,7 @@ from kdjax import report
 from kdjax import train
 from kdjax.errors import KdjaxError, Preempted
 
-STAGE_KEYS = ('model', 'loss', 'teacher', 'train', 'kd')
+STAGE_KEYS = ('model', 'loss', 'teacher', 'num_replicas', 'train', 'kd')
 TEACHER_DTYPES = ('float32', 'bfloat16')
 
 
@@ -82,6 +82,9 @@ def stage_config(config: ml_collections.ConfigDict, name: str) -> ml_collections
   merged.model = stage.model
   merged.loss = stage.loss
   merged.teacher = stage.teacher
+  # 0 or absent: config.num_replicas. A teacher trained once (1) under students trained N times
+  # saves N − 1 teacher trainings when only the students' spread is reported.
+  merged.num_replicas = stage.get('num_replicas') or config.num_replicas
   merged.train = ml_collections.ConfigDict(config.train.to_dict())
   merged.kd = ml_collections.ConfigDict(config.kd.to_dict())
   for block in ('train', 'kd'):
@@ -145,6 +148,10 @@ def stage_order(config: ml_collections.ConfigDict) -> List[str]:
                        f"stages are: {', '.join(names)}.")
     if teacher == name:
       raise KdjaxError(f"stage '{name}' is its own teacher; a teacher must be an earlier stage.")
+    own_replicas = stage.get('num_replicas', 0)
+    if not isinstance(own_replicas, int) or isinstance(own_replicas, bool) or own_replicas < 0:
+      raise KdjaxError(f"stage '{name}': num_replicas must be an integer >= 1, or 0 for "
+                       f'config.num_replicas; got {own_replicas!r}.')
     _check_values(stage_config(config, name))
 
   requested = list(config.get('stage_order') or ())
@@ -263,7 +270,7 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
               normalization: train.Normalization, mesh) -> StageResult:
   """Trains (or resumes, or skips if finished) one stage and returns its result.
 
-  With `config.num_replicas` N > 1 the stage trains N students in one step (vmapped or unrolled,
+  With N > 1 replicas (the stage's `num_replicas`, else `config.num_replicas`) it trains N students in one step (vmapped or unrolled,
   `config.replica_batching`): replica r is initialised from seed `config.seed + r` and draws its
   loss noise from it; all share the batches, their order and augmentation (seed `config.seed`),
   and the teacher, which is replica 0 of the teacher stage. Sharing the data is what lets one
@@ -271,7 +278,7 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
   """
   stage = stage_config(config, name)
   t = stage.train
-  num_replicas = config.num_replicas if config.num_replicas > 1 else 0
+  num_replicas = stage.num_replicas if stage.num_replicas > 1 else 0
   stage_dir = os.path.join(workdir, 'stages', name)
   os.makedirs(stage_dir, exist_ok=True)
   model_kwargs = {'shortcut': config.model.resnet_shortcut, 'conv': config.model.conv}
@@ -316,11 +323,14 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
       teacher_stage = config.stages[stage.teacher]
       teacher = models.get_model(teacher_stage.model, dataset.num_classes,
                                  dtype=jnp.dtype(stage.kd.teacher_dtype), **model_kwargs)
+      teacher_replicas = stage_config(config, stage.teacher).num_replicas
+      teacher_replicas = teacher_replicas if teacher_replicas > 1 else 0
       teacher_input = checkpoints.load_final_variables(
           os.path.join(workdir, 'stages', stage.teacher),
-          _stacked_shapes(models.variable_shapes(teacher, dataset.image_shape), num_replicas))
+          _stacked_shapes(models.variable_shapes(teacher, dataset.image_shape), teacher_replicas))
       # Every replica learns from the teacher stage's replica 0.
-      teacher_input = parallel.put_replicated(_first_replica(teacher_input, num_replicas), mesh)
+      teacher_input = parallel.put_replicated(_first_replica(teacher_input, teacher_replicas),
+                                              mesh)
       cached = stage.kd.cache_teacher_logits and not train.augments(config.data.augment)
       if cached:  # one teacher pass over the training set instead of one per epoch.
         cache_start = time.perf_counter()

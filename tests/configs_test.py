@@ -86,7 +86,10 @@ def test_takd_reproduction_config_follows_the_protocol():
   from experiments.configs import repro_takd_cifar10_cnn
   config = repro_takd_cifar10_cnn.get_config()
   order = experiment.stage_order(config)
-  assert config.data.validation_size == 5000 and config.num_replicas >= 3
+  assert config.data.validation_size == 5000
+  students = [n for n in order if config.stages[n].model == 'plain_cnn_2']
+  assert len(students) == 6  # NOKD, BLKD, three TAKD, the path's end.
+  assert all(experiment.stage_config(config, n).num_replicas >= 3 for n in students)
   assert not config.data.augment.enabled  # TAKD's setting; the teacher's logits are cached.
 
   def path_to_teacher(name):

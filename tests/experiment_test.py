@@ -95,6 +95,8 @@ BAD_INPUTS = {
     'temperature': (lambda p: ['--config.kd.temperature=0'], 'temperature must be > 0'),
     'kd_weight': (lambda p: ['--config.kd.kd_weight=1.5'], r'kd_weight must lie in \[0, 1\]'),
     'num_replicas': (lambda p: ['--config.num_replicas=0'], 'num_replicas must be an integer >= 1'),
+    'stage num_replicas': (lambda p: ['--config.stages.teacher.num_replicas=-1'],
+                           "stage 'teacher': num_replicas must be an integer >= 1, or 0"),
     'replica batching': (lambda p: ['--config.replica_batching=pmap'],
                          "unknown replica_batching 'pmap'; choose one of: auto, vmap, unroll"),
     'conv': (lambda p: ['--config.model.conv=im2col'],

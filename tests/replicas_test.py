@@ -195,6 +195,27 @@ def test_replica_zero_trains_like_the_single_run(cli_env, tmp_path):
       np.testing.assert_allclose(b[0], a, rtol=1e-4, atol=1e-5)
 
 
+def test_a_stage_can_train_fewer_replicas_than_its_students(cli_env, tmp_path):
+  # One teacher under two students: the teacher is the single run's, bit for bit (same code path),
+  # and the students' replica 0 learns from it like the single run's student.
+  runs = {name: tmp_path / name for name in ('single', 'mixed')}
+  for name, extra in (('single', ()), ('mixed', ('--config.num_replicas=2',
+                                                 '--config.stages.teacher.num_replicas=1'))):
+    done = run_cli(cli_env, runs[name], TINY, *extra, *SHORT)
+    assert done.returncode == 0, done.stderr
+  _, single_teacher = final_arrays(runs['single'], 'teacher')
+  _, mixed_teacher = final_arrays(runs['mixed'], 'teacher')
+  for a, b in zip(single_teacher, mixed_teacher):
+    np.testing.assert_array_equal(a, b)
+  _, single_student = final_arrays(runs['single'], 'student')
+  _, mixed_student = final_arrays(runs['mixed'], 'student')
+  for a, b in zip(single_student, mixed_student):
+    assert b.shape == (2, *a.shape)
+    np.testing.assert_allclose(b[0], a, rtol=1e-4, atol=1e-5)
+  rows = {r['name']: r for r in json.loads((runs['mixed'] / 'results.json').read_text())['stages']}
+  assert rows['teacher']['replicas'] is None and rows['student']['replicas']['seeds'] == [0, 1]
+
+
 def test_uncached_teacher_run_gives_the_same_student(cli_env, tmp_path):
   runs = {}
   for cache in (True, False):
