@@ -37,6 +37,7 @@ from kdjax.errors import KdjaxError, Preempted
 
 STAGE_KEYS = ('model', 'loss', 'teacher', 'num_replicas', 'train', 'kd')
 TEACHER_DTYPES = ('float32', 'bfloat16')
+NOISE_ON = ('teacher', 'student')
 
 
 @dataclasses.dataclass
@@ -207,6 +208,8 @@ def _check_values(stage: ml_collections.ConfigDict) -> None:
        f"unknown tsd_scores '{kd.tsd_scores}'; choose one of: {', '.join(train.losses.TSD_SCORES)}"),
       (0 <= kd.noise_alpha <= 1, f'noise_alpha must lie in [0, 1], got {kd.noise_alpha}'),
       (kd.noise_sigma >= 0, f'noise_sigma must be >= 0, got {kd.noise_sigma}'),
+      (kd.noise_on in NOISE_ON, f"unknown noise_on '{kd.noise_on}'; choose one of: "
+                                f"{', '.join(NOISE_ON)}"),
       (0 <= kd.noise_ce_weight <= 1, f'noise_ce_weight must lie in [0, 1], got {kd.noise_ce_weight}'),
       (0 < kd.primary_weight <= 1, f'primary_weight must lie in (0, 1], got {kd.primary_weight}'),
       (kd.teacher_dtype in TEACHER_DTYPES,

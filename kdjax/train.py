@@ -122,14 +122,20 @@ def stage_loss(student_logits, teacher_logits, labels, loss_config, noise_key):
   * `'kd'`: `(1 − λ)·classification + λ·T²·KL(teacher ‖ student)` (TAKD Eq. 2; with T = 1 the
     generations loss of Yang et al.). The classification term is tolerant if `eta < 1`.
   * `'noisy_l2'`: `(1 − w)·½‖z_s − z′‖² + w·classification`, with `z′` the teacher logits
-    perturbed per example (Sau & Balasubramanian 2016) and `w = noise_ce_weight`.
+    perturbed per example (Sau & Balasubramanian 2016) and `w = noise_ce_weight`. With
+    `noise_on = 'student'` the same noise multiplies the student's logits instead, against the
+    clean teacher: `½‖(1 + ξ)·z_s − z_t‖²`, the baseline the paper's claim is measured against.
   """
   if loss_config.loss == 'ce':
     return classification_loss(student_logits, labels, loss_config)
   if loss_config.loss == 'noisy_l2':
-    target = losses.perturb_logits(noise_key, teacher_logits, alpha=loss_config.noise_alpha,
-                                   sigma=loss_config.noise_sigma)
-    l2 = losses.logit_l2_loss(student_logits, target)
+    noise = dict(alpha=loss_config.noise_alpha, sigma=loss_config.noise_sigma)
+    if loss_config.noise_on == 'student':
+      noisy_student = losses.noise_factors(noise_key, student_logits, **noise) * student_logits
+      l2 = losses.logit_l2_loss(noisy_student, teacher_logits)
+    else:
+      l2 = losses.logit_l2_loss(student_logits,
+                                losses.perturb_logits(noise_key, teacher_logits, **noise))
     weight = loss_config.noise_ce_weight
     if weight == 0.0:
       return l2
@@ -237,8 +243,10 @@ def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
 
   def student_update(state: TrainState, images, labels, teacher_logits, noise_key):
     def loss_fn(params):
+      # Dropout (where a model has it) draws from the replica's key, apart from the loss noise.
       logits, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
-                                       images, train=True, mutable=['batch_stats'])
+                                       images, train=True, mutable=['batch_stats'],
+                                       rngs={'dropout': jax.random.fold_in(noise_key, 1)})
       if multi_exit:  # outputs are (exit_logits [E, B, C], ensemble-teacher logits [E, B, C]).
         exit_logits, ensemble_logits = logits
         loss = multi_exit_loss(exit_logits, ensemble_logits, labels, loss_config)

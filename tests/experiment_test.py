@@ -108,6 +108,8 @@ BAD_INPUTS = {
     'eta': (lambda p: ['--config.kd.eta=-0.2'], r'eta must lie in \[0, 1\]'),
     'noise alpha': (lambda p: ['--config.kd.noise_alpha=2.0'], 'noise_alpha must lie'),
     'noise sigma': (lambda p: ['--config.kd.noise_sigma=-1.0'], 'noise_sigma must be >= 0'),
+    'noise on': (lambda p: ['--config.kd.noise_on=both'],
+                 "unknown noise_on 'both'; choose one of: teacher, student"),
     'primary weight': (lambda p: ['--config.kd.primary_weight=0.0'], 'primary_weight must lie'),
     'tsd k vs classes': (lambda p: ['--config.kd.eta=0.5', '--config.kd.tsd_k=10'],
                          'tsd_k = 10 needs more than 10 classes'),

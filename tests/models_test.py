@@ -102,3 +102,20 @@ def test_lenet5_and_mlp_counts_by_hand():
   assert n_params('lenet5', image_shape=(28, 28, 1)) == lenet
   mlp = (784 * 800 + 800) + (800 * 800 + 800) + (800 * 10 + 10)
   assert n_params('mlp_2x800', image_shape=(28, 28, 1)) == mlp
+
+
+def test_dropout_mlp_is_the_mlp_in_eval_and_unbiased_in_training():
+  plain = models.get_model('mlp_1x100', 10)
+  dropout = models.get_model('mlp_1x100_dropout', 10)
+  x = np.random.default_rng(0).uniform(size=(4, 28, 28, 1)).astype(np.float32)
+  variables = models.init_variables(dropout, (28, 28, 1), jax.random.key(0))
+  eval_out = np.asarray(dropout.apply(variables, x, train=False))
+  np.testing.assert_array_equal(eval_out, plain.apply(variables, x, train=False))
+  # Inverted dropout at p = 0.5 before a linear layer: each draw differs, and the mean over many
+  # draws tends to the eval output (standard error ≈ spread / √4000).
+  draws = jax.vmap(lambda k: dropout.apply(variables, x, train=True, rngs={'dropout': k}))(
+      jax.random.split(jax.random.key(1), 4000))
+  draws = np.asarray(draws)
+  assert np.mean(np.abs(draws[0] - eval_out)) > 1e-2
+  spread = draws.std(axis=0) / np.sqrt(len(draws))
+  assert np.all(np.abs(draws.mean(axis=0) - eval_out) < 5 * spread + 1e-6)

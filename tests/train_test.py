@@ -132,6 +132,14 @@ def test_stage_losses_compose_the_public_losses():
                              rtol=1e-6)
   noisy = loss_config('noisy_l2', noise_alpha=1.0, noise_sigma=0.5)
   assert abs(float(train.stage_loss(s, t, y, noisy, key)) - l2) > 1e-3  # noise really applied.
+  # The same noise on the student: ½‖f·z_s − z_t‖² with the factors f the teacher would have got
+  # from this key; its gradient is f·(f·z_s − z_t) / B.
+  factors = np.asarray(losses.perturb_logits(key, t, alpha=1.0, sigma=0.5)) / t
+  on_student = loss_config('noisy_l2', noise_alpha=1.0, noise_sigma=0.5, noise_on='student')
+  np.testing.assert_allclose(train.stage_loss(s, t, y, on_student, key),
+                             np.mean(0.5 * ((factors * s - t)**2).sum(-1)), rtol=1e-5)
+  grad = jax.grad(lambda z: train.stage_loss(z, t, y, on_student, key))(jnp.asarray(s))
+  np.testing.assert_allclose(grad, factors * (factors * s - t) / len(s), rtol=1e-4, atol=1e-6)
 
 
 def test_evaluate_matches_numpy_over_a_padded_last_batch():

@@ -4,10 +4,11 @@ from kdjax.losses.classification import cross_entropy
 from kdjax.losses.distillation import distillation_loss, KL_REDUCTIONS
 from kdjax.losses.multi_exit import (byot_loss, distill_exits, exit_ensemble_loss,
                                      exits_cross_entropy, mate_loss, primary_mixing)
-from kdjax.losses.noisy import logit_l2_loss, perturb_logits
+from kdjax.losses.noisy import logit_l2_loss, noise_factors, perturb_logits
 from kdjax.losses.tolerant import top_score_difference, tolerant_teacher_loss, TSD_SCORES
 
 __all__ = ['cross_entropy', 'distillation_loss', 'KL_REDUCTIONS', 'top_score_difference',
-           'tolerant_teacher_loss', 'TSD_SCORES', 'perturb_logits', 'logit_l2_loss',
+           'tolerant_teacher_loss', 'TSD_SCORES', 'perturb_logits', 'noise_factors',
+           'logit_l2_loss',
            'distill_exits', 'exits_cross_entropy', 'byot_loss', 'exit_ensemble_loss', 'mate_loss',
            'primary_mixing']

@@ -11,32 +11,47 @@ from kdjax.errors import KdjaxError
 from kdjax.losses import _checks
 
 
-def perturb_logits(key: jax.Array, logits: chex.Array, *, alpha: float,
-                   sigma: float) -> chex.Array:
-  """`z′ = (1 + ξ)·z` with probability α, else `z′ = z`, independently per example.
+def noise_factors(key: jax.Array, logits: chex.Array, *, alpha: float,
+                  sigma: float) -> chex.Array:
+  """The multipliers of `perturb_logits`: `1 + ξ` for a perturbed example, else 1.
 
-  `ξ ~ N(0, σ² I)` elementwise (one draw per logit). Unlike one coin flip per batch, each example
-  is perturbed or not on its own, as the paper's per-sample formulation reads.
+  Each example is perturbed with probability α, independently (one coin per example, as the
+  paper's per-sample formulation reads, not one per batch); `ξ ~ N(0, σ² I)` elementwise.
 
   Args:
     key: PRNG key; draw a fresh one every step.
-    logits: `[B, C]` teacher logits.
-    alpha: probability α ∈ [0, 1] that an example's logits are perturbed.
+    logits: `[B, C]`; only its shape and dtype are used.
+    alpha: probability α ∈ [0, 1] that an example is perturbed.
     sigma: standard deviation σ ≥ 0 of the multiplicative noise.
 
   Returns:
-    `[B, C]` perturbed logits (a `stop_gradient` copy: the teacher is never trained).
+    `[B, C]` factors.
   """
   _checks.check_logits(logits, 'logits')
   if _checks.is_concrete(alpha) and not 0.0 <= alpha <= 1.0:
     raise KdjaxError(f'alpha must lie in [0, 1], got {alpha}.')
   if _checks.is_concrete(sigma) and not sigma >= 0.0:
     raise KdjaxError(f'sigma must be >= 0, got {sigma}.')
-  logits = jax.lax.stop_gradient(logits)
   which_key, noise_key = jax.random.split(key)
   perturbed = jax.random.bernoulli(which_key, alpha, (logits.shape[0], 1))
   xi = sigma * jax.random.normal(noise_key, logits.shape, logits.dtype)
-  return jnp.where(perturbed, (1.0 + xi) * logits, logits)
+  return jnp.where(perturbed, 1.0 + xi, jnp.ones_like(xi))
+
+
+def perturb_logits(key: jax.Array, logits: chex.Array, *, alpha: float,
+                   sigma: float) -> chex.Array:
+  """`z′ = (1 + ξ)·z` with probability α, else `z′ = z`, independently per example (Sec. 3).
+
+  Args:
+    key: PRNG key; draw a fresh one every step.
+    logits: `[B, C]` teacher logits.
+    alpha, sigma: see `noise_factors`.
+
+  Returns:
+    `[B, C]` perturbed logits (a `stop_gradient` copy: the teacher is never trained).
+  """
+  logits = jax.lax.stop_gradient(logits)
+  return noise_factors(key, logits, alpha=alpha, sigma=sigma) * logits
 
 
 def logit_l2_loss(student_logits: chex.Array, target_logits: chex.Array) -> chex.Array:

@@ -1,0 +1,281 @@
+"""Turns a finished reproduction run into its committed folder `experiments/results/<name>/`.
+
+  python experiments/repro_report.py --config=experiments/configs/repro_takd_cifar10_cnn.py \
+      --workdir=runs/repro_takd_cifar10_cnn_v2 --out=experiments/results/repro_takd_cifar10_cnn \
+      --command='python -m kdjax.main --config=... --workdir=... --config.data.npz=...'
+
+Reads the run's `results.json` and each stage's `metrics.jsonl` (per-replica accuracies) and the
+config module's `paper()` (the paper's numbers and claims). Writes `results.json`, `results.md`
+(our table beside the paper's, every claim with its paired comparison) and `accuracy.png`.
+
+Statistics (no selection ever looks at the test set):
+  * a row's accuracy is the last epoch's test accuracy, mean ± sample std over its replicas (seeds);
+    "test @ best val" is each replica's test accuracy at its best validation epoch;
+  * `{'best_on_val': [stages]}` in a claim stands for the stage of that list with the highest mean
+    last-epoch validation accuracy (a hyper-parameter choice made on validation data);
+  * a claim "A > B" is tested on paired differences d_r = acc_A(seed r) − acc_B(seed r): rows
+    that share seeds share the initialisation seed and every batch. The verdict is "holds" when
+    the 95 % t-interval of the mean difference lies above 0, "reversed" when it lies below 0,
+    and "within spread" otherwise (with the sign of the mean said).
+"""
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import platform
+import sys
+from typing import Dict, List, Sequence
+
+import numpy as np
+from scipy import stats
+
+HOLDS, REVERSED, WITHIN = 'holds', 'reversed', 'within spread'
+
+
+def paired_comparison(better: Sequence[float], worse: Sequence[float]) -> dict:
+  """Tests "better > worse" on paired values (same seeds, same order); accuracies in [0, 1].
+
+  Returns the differences, their mean and sample std, the 95 % t-interval of the mean, and the
+  verdict: `'holds'` (interval above 0), `'reversed'` (below 0) or `'within spread'`.
+  """
+  better, worse = np.asarray(better, np.float64), np.asarray(worse, np.float64)
+  if better.shape != worse.shape or better.ndim != 1:
+    raise ValueError(f'paired values must be two equal-length lists, got {better.shape} and '
+                     f'{worse.shape}.')
+  diffs = better - worse
+  n = len(diffs)
+  mean = float(diffs.mean())
+  if n < 2:
+    return {'diffs': diffs.tolist(), 'mean': mean, 'std': None, 'ci95': None, 'n': n,
+            'verdict': WITHIN, 'wins': int(np.sum(diffs > 0))}
+  std = float(diffs.std(ddof=1))
+  half = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n))
+  low, high = mean - half, mean + half
+  verdict = HOLDS if low > 0 else REVERSED if high < 0 else WITHIN
+  return {'diffs': diffs.tolist(), 'mean': mean, 'std': std, 'ci95': [low, high], 'n': n,
+          'verdict': verdict, 'wins': int(np.sum(diffs > 0))}
+
+
+def best_epoch_accuracy(val: np.ndarray, test: np.ndarray) -> np.ndarray:
+  """Per replica, the test accuracy at its best validation epoch (earliest of ties).
+
+  `val`, `test`: `[epochs, replicas]`. Returns `[replicas]`.
+  """
+  best = np.argmax(val, axis=0)  # argmax returns the first maximum: the earliest epoch.
+  return test[best, np.arange(test.shape[1])]
+
+
+def stage_rows(workdir: str) -> Dict[str, dict]:
+  """Per stage: seeds, last-epoch test/val accuracy and test @ best val, one value per replica."""
+  with open(os.path.join(workdir, 'results.json')) as f:
+    run = json.load(f)
+  rows = {}
+  for result in run['stages']:
+    name = result['name']
+    with open(os.path.join(workdir, 'stages', name, 'metrics.jsonl')) as f:
+      history = [json.loads(line) for line in f if line.strip()]
+    test = np.array([np.atleast_1d(m['test_accuracy']) for m in history], np.float64)
+    val = np.array([np.atleast_1d(m['val_accuracy']) for m in history], np.float64)
+    seeds = (result['replicas'] or {}).get('seeds') or [run.get('seed', 0)]
+    rows[name] = {
+        'name': name, 'model': result['model'], 'teacher': result['teacher'],
+        'loss': result['loss'], 'seeds': seeds, 'epochs': len(history),
+        'test': test[-1].tolist(), 'val': val[-1].tolist(),
+        'test_at_best_val': best_epoch_accuracy(val, test).tolist(),
+        'test_curve': test.mean(axis=1).tolist(), 'wall_s': result['wall_s'],
+        'exits': result.get('exits'),
+    }
+  return rows
+
+
+def resolve(spec, rows: Dict[str, dict]) -> str:
+  """A stage name, or for `{'best_on_val': [names]}` the name with the best mean validation."""
+  if isinstance(spec, str):
+    if spec not in rows:
+      raise KeyError(f"claim names stage '{spec}', which the run does not have.")
+    return spec
+  candidates = spec['best_on_val']
+  return max(candidates, key=lambda name: (np.mean(rows[name]['val']), -candidates.index(name)))
+
+
+def evaluate_claims(claims, rows: Dict[str, dict]) -> List[dict]:
+  """Every claim's pairwise comparisons; a claim holds only if each of its comparisons does."""
+  out = []
+  for text, pairs in claims:
+    comparisons = []
+    for better_spec, worse_spec in pairs:
+      better, worse = resolve(better_spec, rows), resolve(worse_spec, rows)
+      if rows[better]['seeds'] != rows[worse]['seeds']:
+        raise ValueError(f"'{better}' and '{worse}' do not share seeds; they cannot be paired.")
+      comparison = paired_comparison(rows[better]['test'], rows[worse]['test'])
+      comparison['selected'] = paired_comparison(rows[better]['test_at_best_val'],
+                                                 rows[worse]['test_at_best_val'])
+      comparisons.append({'better': better, 'worse': worse, **comparison})
+    verdicts = {c['verdict'] for c in comparisons}
+    verdict = HOLDS if verdicts == {HOLDS} else REVERSED if REVERSED in verdicts else WITHIN
+    out.append({'claim': text, 'verdict': verdict, 'comparisons': comparisons})
+  return out
+
+
+def _pct(values) -> str:
+  values = 100 * np.asarray(values, np.float64)
+  if len(values) == 1:
+    return f'{values[0]:.2f}'
+  return f'{values.mean():.2f} ± {values.std(ddof=1):.2f}'
+
+
+def _verdict_words(comparison) -> str:
+  if comparison['verdict'] != WITHIN:
+    return comparison['verdict']
+  side = 'ahead' if comparison['mean'] > 0 else 'behind'
+  return f"within spread ({side} on average)"
+
+
+def render_markdown(report: dict) -> str:
+  rows, claims = report['rows'], report['claims']
+  paper_rows = report['paper']['rows']
+  lines = [f"# {report['title']}", '', report['setup'].strip(), '',
+           f"Paper: {report['paper']['source']}.", '',
+           '## Results', '',
+           'Test accuracy (%) after the last epoch, mean ± sample std over seeds (n = seeds); '
+           '"test @ best val" is each seed\'s test accuracy at its best validation epoch.', '',
+           '| stage | model | teacher | seeds | test (last epoch) | test @ best val | paper |',
+           '|---|---|---|---|---|---|---|']
+  for row in rows:
+    paper = paper_rows.get(row['name'], '')
+    lines.append(f"| {row['name']} | {row['model']} | {row['teacher'] or '—'} | "
+                 f"{len(row['seeds'])} | {_pct(row['test'])} | {_pct(row['test_at_best_val'])} | "
+                 f"{paper if paper == '' else f'{paper:.2f}'} |")
+  exit_rows = [r for r in rows if r.get('exits')]
+  if exit_rows:
+    n_exits = len(exit_rows[0]['exits']['test_accuracy'])
+    lines += ['', 'Per exit (last epoch, mean over seeds):', '',
+              '| stage | ' + ' | '.join(f'exit {i + 1}' for i in range(n_exits)) +
+              ' | ensemble |', '|---|' + '---|' * (n_exits + 1)]
+    for r in exit_rows:
+      cells = [f'{100 * a:.2f}' for a in r['exits']['test_accuracy']]
+      lines.append(f"| {r['name']} | {' | '.join(cells)} | "
+                   f"{100 * r['exits']['ensemble_test_accuracy']:.2f} |")
+  lines += ['', '## Claims', '',
+            'Paired differences A − B in test accuracy points over the shared seeds: mean ± '
+            'std, the 95 % t-interval, and how many seeds A wins. "holds" = the interval lies '
+            'above 0; "reversed" = below 0; otherwise the difference is within the seed spread.',
+            '', '| claim | A > B | A − B (last epoch) | 95 % interval | wins | verdict | '
+            'A − B (test @ best val) |', '|---|---|---|---|---|---|---|']
+  for claim in claims:
+    for i, c in enumerate(claim['comparisons']):
+      interval = (f"[{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}]"
+                  if c['ci95'] else '—')
+      std = f" ± {100 * c['std']:.2f}" if c['std'] is not None else ''
+      selected = c['selected']
+      lines.append(
+          f"| {claim['claim'] if i == 0 else ''} | {c['better']} > {c['worse']} | "
+          f"{100 * c['mean']:+.2f}{std} | {interval} | {c['wins']}/{c['n']} | "
+          f"{_verdict_words(c)} | {100 * selected['mean']:+.2f} ({_verdict_words(selected)}) |")
+  lines += ['', '## Summary', '']
+  for claim in claims:
+    lines.append(f"- {claim['claim']}: **{claim['verdict']}**.")
+  run = report['run']
+  lines += ['', '## How this was produced', '', f"- Command: `{run['command']}`",
+            f"- Report: `{run['report_command']}`",
+            f"- Machine: {run['machine']}", f"- Versions: {run['versions']}",
+            f"- Wall time (sum of stages): {run['wall_s'] / 60:.1f} min",
+            f"- Seeds: {run['seeds']}", f"- Finished: {run['finished_at']}", '']
+  return '\n'.join(lines)
+
+
+def plot(rows: List[dict], paper_rows: dict, path: str) -> None:
+  """Each stage's last-epoch test accuracy per seed (dots), mean ± std (bar), paper (cross)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7.0, 0.32 * len(rows) + 1.2), dpi=120)
+  for y, row in enumerate(rows):
+    values = 100 * np.asarray(row['test'])
+    ax.scatter(values, [y] * len(values), s=12, color='tab:blue', alpha=0.6, zorder=3)
+    if len(values) > 1:
+      ax.errorbar(values.mean(), y, xerr=values.std(ddof=1), fmt='o', color='tab:blue',
+                  capsize=3, zorder=4)
+    if row['name'] in paper_rows:
+      ax.scatter(paper_rows[row['name']], y, marker='x', s=40, color='tab:red', zorder=5,
+                 label='paper' if 'paper' not in ax.get_legend_handles_labels()[1] else None)
+  ax.set_yticks(range(len(rows)))
+  ax.set_yticklabels([r['name'] for r in rows])
+  ax.invert_yaxis()
+  ax.set_xlabel('test accuracy after the last epoch (%): seeds (dots), mean ± std')
+  ax.grid(alpha=0.3, axis='x')
+  if paper_rows:
+    ax.legend(loc='lower right')
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def machine_and_versions() -> tuple:
+  import flax
+  import jax
+  import optax
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  machine = f'{os.cpu_count()} × {cpu}, {platform.system()}, devices {jax.devices()}'
+  versions = (f'Python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__},'
+              f' optax {optax.__version__}, numpy {np.__version__}')
+  return machine, versions
+
+
+def build_report(config_module, workdir: str, command: str, report_command: str) -> dict:
+  rows = stage_rows(workdir)
+  reference = config_module.paper()
+  with open(os.path.join(workdir, 'results.json')) as f:
+    run = json.load(f)
+  machine, versions = machine_and_versions()
+  seeds = sorted({s for row in rows.values() for s in row['seeds']})
+  return {
+      'title': (config_module.__doc__ or '').strip().splitlines()[0],
+      'setup': '\n'.join((config_module.__doc__ or '').strip().splitlines()[1:]),
+      'paper': {'source': reference['source'], 'rows': reference['rows']},
+      'rows': list(rows.values()),
+      'claims': evaluate_claims(reference['claims'], rows),
+      'run': {'command': command, 'report_command': report_command, 'machine': machine,
+              'versions': versions, 'wall_s': float(sum(r['wall_s'] for r in rows.values())),
+              'seeds': seeds, 'finished_at': run.get('finished_at'),
+              'dataset': run.get('dataset'), 'num_train': run.get('num_train'),
+              'num_test': run.get('num_test')},
+  }
+
+
+def write(report: dict, out: str) -> None:
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, 'results.json'), 'w') as f:
+    json.dump(report, f, indent=1)
+  with open(os.path.join(out, 'results.md'), 'w') as f:
+    f.write(render_markdown(report))
+  plot(report['rows'], report['paper']['rows'], os.path.join(out, 'accuracy.png'))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', required=True, help='the reproduction config file')
+  parser.add_argument('--workdir', required=True, help='the finished run folder')
+  parser.add_argument('--out', required=True, help='experiments/results/<name>')
+  parser.add_argument('--command', required=True, help='the command that made the run')
+  args = parser.parse_args(argv)
+  module_name = os.path.splitext(os.path.normpath(args.config))[0].replace(os.sep, '.')
+  config_module = importlib.import_module(module_name)
+  report_command = 'python ' + ' '.join(sys.argv) if argv is None else 'repro_report ' + ' '.join(
+      argv)
+  report = build_report(config_module, args.workdir, args.command, report_command)
+  write(report, args.out)
+  print(render_markdown(report))
+  print(f"written {args.out} at {datetime.datetime.now().isoformat(timespec='seconds')}")
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  main()
