@@ -130,6 +130,8 @@ def load_final_variables(stage_dir: str, shapes) -> dict:
     if not meta.get('final'):
       raise KdjaxError(f"no intact final checkpoint in '{stage_dir}'; the teacher stage must "
                        'finish first (re-run the same command to resume it).')
+    # Saved as a TrainState's `{params, batch_stats}`: a model without BatchNorm has `{}` there.
+    shapes = {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
     try:
       restored = mgr.restore(step, args=ocp.args.Composite(
           model=ocp.args.StandardRestore(shapes)))

@@ -38,6 +38,7 @@ from kdjax.errors import KdjaxError, Preempted
 STAGE_KEYS = ('model', 'loss', 'teacher', 'num_replicas', 'train', 'kd')
 TEACHER_DTYPES = ('float32', 'bfloat16')
 NOISE_ON = ('teacher', 'student')
+TEACHER_REPLICA = ('first', 'matching')
 
 
 @dataclasses.dataclass
@@ -154,6 +155,15 @@ def stage_order(config: ml_collections.ConfigDict) -> List[str]:
       raise KdjaxError(f"stage '{name}': num_replicas must be an integer >= 1, or 0 for "
                        f'config.num_replicas; got {own_replicas!r}.')
     _check_values(stage_config(config, name))
+    merged = stage_config(config, name)
+    if teacher in names and merged.kd.teacher_replica == 'matching':
+      own, theirs = merged.num_replicas, stage_config(config, teacher).num_replicas
+      if own < 2 or own != theirs:
+        raise KdjaxError(
+            f"stage '{name}': teacher_replica 'matching' pairs student replica r with teacher "
+            f"replica r, so both need the same number of replicas (>= 2); this stage has {own} "
+            f"and its teacher '{teacher}' {theirs}. Set their num_replicas equal, or use "
+            "teacher_replica 'first'.")
 
   requested = list(config.get('stage_order') or ())
   if requested:
@@ -214,6 +224,9 @@ def _check_values(stage: ml_collections.ConfigDict) -> None:
       (0 < kd.primary_weight <= 1, f'primary_weight must lie in (0, 1], got {kd.primary_weight}'),
       (kd.teacher_dtype in TEACHER_DTYPES,
        f"unknown teacher_dtype '{kd.teacher_dtype}'; choose one of: {', '.join(TEACHER_DTYPES)}"),
+      (kd.teacher_replica in TEACHER_REPLICA,
+       f"unknown teacher_replica '{kd.teacher_replica}'; choose one of: "
+       f"{', '.join(TEACHER_REPLICA)}"),
       (isinstance(kd.cache_teacher_logits, bool),
        f'cache_teacher_logits must be True or False, got {kd.cache_teacher_logits!r}'),
   ]
@@ -262,7 +275,7 @@ def _replica_keys(config, name: str, purpose: str, num_replicas: int) -> jax.Arr
 
 def _first_replica(tree, num_replicas: int):
   """Replica 0 of a stacked tree; the tree itself when there are no replicas."""
-  return jax.tree_util.tree_map(lambda x: x[0], tree) if num_replicas else tree
+  return train.replica(tree, 0) if num_replicas else tree
 
 
 def _step_of(state) -> int:
@@ -322,6 +335,7 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
 
     train_data, test_data, val_data = device_data
     teacher, teacher_input, cached = None, {}, False
+    per_replica = bool(stage.teacher) and stage.kd.teacher_replica == 'matching'
     if stage.teacher:
       teacher_stage = config.stages[stage.teacher]
       teacher = models.get_model(teacher_stage.model, dataset.num_classes,
@@ -331,21 +345,27 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
       teacher_input = checkpoints.load_final_variables(
           os.path.join(workdir, 'stages', stage.teacher),
           _stacked_shapes(models.variable_shapes(teacher, dataset.image_shape), teacher_replicas))
-      # Every replica learns from the teacher stage's replica 0.
-      teacher_input = parallel.put_replicated(_first_replica(teacher_input, teacher_replicas),
-                                              mesh)
+      # Every replica learns from the teacher stage's replica 0, or with 'matching' from its own.
+      if not per_replica:
+        teacher_input = _first_replica(teacher_input, teacher_replicas)
+      teacher_input = parallel.put_replicated(teacher_input, mesh)
       cached = stage.kd.cache_teacher_logits and not train.augments(config.data.augment)
       if cached:  # one teacher pass over the training set instead of one per epoch.
         cache_start = time.perf_counter()
-        teacher_input = jax.block_until_ready(train.teacher_logits_table(
-            teacher, teacher_input, train_data, normalization, t.eval_batch_size, mesh))
+        logits_fn = train.make_teacher_logits_fn(teacher, normalization, mesh)
+        table = lambda variables: train.teacher_logits_table(
+            teacher, variables, train_data, normalization, t.eval_batch_size, mesh, logits_fn)
+        teacher_input = jax.block_until_ready(
+            jnp.stack([table(train.replica(teacher_input, r)) for r in range(num_replicas)])
+            if per_replica else table(teacher_input))
         print(f'[{name}] cached the teacher\'s logits on {num_train} training images in '
               f'{time.perf_counter() - cache_start:.1f} s.')
 
     train_step = train.make_train_step(student, teacher, _loss_config(stage), config.data.augment,
                                        normalization, skip_nonfinite=t.nan_policy == 'skip',
                                        teacher_logits_cached=cached, num_replicas=num_replicas,
-                                       mesh=mesh, replica_batching=config.replica_batching)
+                                       mesh=mesh, replica_batching=config.replica_batching,
+                                       teacher_per_replica=per_replica)
     multi_exit = models.is_multi_exit(stage.model)
     eval_step = train.make_eval_step(normalization, multi_exit, num_replicas=num_replicas,
                                      mesh=mesh)

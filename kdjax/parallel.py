@@ -34,9 +34,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharded(mesh: Mesh) -> NamedSharding:
-  """The leading (batch) axis split over the `data` axis; any trailing axes whole."""
-  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+def batch_sharded(mesh: Mesh, axis: int = 0) -> NamedSharding:
+  """The batch axis (`axis`, default the leading one) split over the `data` axis; others whole."""
+  return NamedSharding(mesh, PartitionSpec(*([None] * axis), DATA_AXIS))
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, setting: str = 'batch_size') -> None:

@@ -184,6 +184,11 @@ class _TopLevelOptionsJit:
     return self._tuned.lower(*args)
 
 
+def replica(tree, r: int):
+  """Replica `r` of a tree of arrays stacked on a leading replica axis."""
+  return jax.tree_util.tree_map(lambda x: x[r], tree)
+
+
 def augments(augment_config: ml_collections.ConfigDict) -> bool:
   """Whether the train step changes images at all (crops or flips)."""
   return bool(augment_config.enabled and (augment_config.crop_padding > 0 or augment_config.flip))
@@ -196,7 +201,8 @@ def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
                     teacher_logits_cached: bool = False, num_replicas: int = 0,
                     mesh: Optional[jax.sharding.Mesh] = None,
                     compiler_options: Optional[dict] = None,
-                    replica_batching: str = 'auto') -> Callable:
+                    replica_batching: str = 'auto',
+                    teacher_per_replica: bool = False) -> Callable:
   """Builds the jitted train step `(state, teacher_input, train_data, batch_indices, key)`.
 
   Args:
@@ -221,6 +227,10 @@ def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
       (8 ResNet-8 students: 263 images/s vmapped, 555 unrolled; `experiments/bench`). `'auto'`:
       `'unroll'` on CPU, `'vmap'` elsewhere. Both share one teacher forward pass and give the
       same students.
+    teacher_per_replica: with N replicas, replica r learns from teacher r: `teacher_input` holds
+      N teachers stacked (or an `[N, num_train, C]` logits table) and the step runs N teacher
+      forwards. Independent lineages, as generations of replicated teachers need; off, all N
+      students share one teacher and its one forward pass.
 
   Randomness is a function of (key, step): a resumed stage replays it exactly. The state argument
   is donated.
@@ -240,6 +250,11 @@ def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
     batching = 'unroll' if jax.default_backend() == 'cpu' else 'vmap'
   shard_batch = (lambda x: x) if mesh is None else (
       lambda x: jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh)))
+  shard_replica_batch = (lambda x: x) if mesh is None else (  # [N, B, ...]: split B.
+      lambda x: jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh, axis=1)))
+  per_replica = teacher_per_replica and teacher is not None
+  if per_replica and not num_replicas:
+    raise KdjaxError('teacher_per_replica needs num_replicas >= 1 (one teacher per student).')
 
   def student_update(state: TrainState, images, labels, teacher_logits, noise_key):
     def loss_fn(params):
@@ -285,20 +300,31 @@ def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
     if augment:
       images = kd_data.random_crop_and_flip(augment_key, images, padding=padding, flip=flip)
     images = kd_data.normalize(images, normalization.mean, normalization.std)
-    teacher_logits = None
-    if teacher_logits_cached:
-      teacher_logits = shard_batch(teacher_input[batch_indices])
-    elif teacher is not None:
+    def teacher_forward(variables):
       # Inference mode (running BN statistics), and no gradient is ever built for the teacher.
-      teacher_logits = jax.lax.stop_gradient(
-          teacher.apply(teacher_input, images, train=False)).astype(jnp.float32)
+      return jax.lax.stop_gradient(
+          teacher.apply(variables, images, train=False)).astype(jnp.float32)
+
+    teacher_logits = None
+    if teacher_logits_cached and per_replica:  # [N, num_train, C] → [N, B, C].
+      teacher_logits = shard_replica_batch(teacher_input[:, batch_indices])
+    elif teacher_logits_cached:
+      teacher_logits = shard_batch(teacher_input[batch_indices])
+    elif teacher is not None and per_replica and batching == 'vmap':
+      teacher_logits = jax.vmap(teacher_forward)(teacher_input)
+    elif teacher is not None and per_replica:
+      teacher_logits = jnp.stack([teacher_forward(replica(teacher_input, r))
+                                  for r in range(num_replicas)])
+    elif teacher is not None:
+      teacher_logits = teacher_forward(teacher_input)
     if not num_replicas:
       return student_update(state, images, labels, teacher_logits, noise_keys[0])
     if batching == 'vmap':
-      return jax.vmap(student_update, in_axes=(0, None, None, None, 0))(
+      return jax.vmap(student_update, in_axes=(0, None, None, 0 if per_replica else None, 0))(
           state, images, labels, teacher_logits, noise_keys)
-    updates = [student_update(jax.tree_util.tree_map(lambda x: x[r], state), images, labels,
-                              teacher_logits, noise_keys[r]) for r in range(num_replicas)]
+    updates = [student_update(replica(state, r), images, labels,
+                              teacher_logits[r] if per_replica else teacher_logits,
+                              noise_keys[r]) for r in range(num_replicas)]
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *updates)
 
   if mesh is None:

@@ -108,6 +108,8 @@ BAD_INPUTS = {
     'eta': (lambda p: ['--config.kd.eta=-0.2'], r'eta must lie in \[0, 1\]'),
     'noise alpha': (lambda p: ['--config.kd.noise_alpha=2.0'], 'noise_alpha must lie'),
     'noise sigma': (lambda p: ['--config.kd.noise_sigma=-1.0'], 'noise_sigma must be >= 0'),
+    'teacher replica': (lambda p: ['--config.kd.teacher_replica=own'],
+                        "unknown teacher_replica 'own'; choose one of: first, matching"),
     'noise on': (lambda p: ['--config.kd.noise_on=both'],
                  "unknown noise_on 'both'; choose one of: teacher, student"),
     'primary weight': (lambda p: ['--config.kd.primary_weight=0.0'], 'primary_weight must lie'),
@@ -191,3 +193,16 @@ def test_multi_exit_stages_report_every_exit(cli_env, tmp_path):
     assert stage['test_accuracy'] == exits['test_accuracy'][-1]  # the deepest exit.
   assert 'exit 1 (' in (workdir / 'results.md').read_text()
   assert (workdir / 'exits_accuracy_vs_macs.png').exists()
+
+
+def test_a_teacher_without_batchnorm_teaches(cli_env, tmp_path):
+  # LeNet-5 and the MLPs have no batch_stats; their checkpoints hold `{}` there. (The MNIST
+  # noisy-teacher reproduction stopped at its first student before this was handled.)
+  npz = write_npz(tmp_path / 'mnist_like.npz', image_shape=(28, 28, 1), num_train=64,
+                  num_test=16, num_classes=10)
+  done = run_cli(cli_env, tmp_path / 'run', TINY, f'--config.data.npz={npz}',
+                 '--config.stages.teacher.model=lenet5', '--config.stages.student.model=mlp_1x100',
+                 '--config.stages.student.loss=noisy_l2', '--config.train.epochs=1')
+  assert done.returncode == 0, done.stderr
+  rows = json.loads((tmp_path / 'run' / 'results.json').read_text())['stages']
+  assert [r['name'] for r in rows] == ['teacher', 'student']

@@ -241,3 +241,51 @@ def test_replicated_stage_killed_mid_run_resumes_bitwise(cli_env, replicated_run
   assert resumed.returncode == 0, resumed.stderr
   assert '[student] resuming from step' in resumed.stdout
   assert_same_final_state(replicated_run, workdir)
+
+
+@pytest.mark.parametrize('batching,cached', [('vmap', False), ('unroll', False),
+                                             ('unroll', True)])
+def test_matching_teachers_train_each_replica_from_its_own(batching, cached):
+  # Replica r with teacher r equals a single student trained from teacher r alone.
+  config = loss_config('kd')
+  teacher_keys = jnp.stack([jax.random.key(s) for s in (9, 10)])
+  teachers = models.init_variables(TEACHER, (8, 8, 1), teacher_keys)
+  keys = jnp.stack([jax.random.key(s) for s in (3, 4)])
+  train_data = data()
+  table = lambda v: train.teacher_logits_table(TEACHER, v, train_data, NORM, batch_size=20)
+  teacher_input = (jnp.stack([table(train.replica(teachers, r)) for r in range(2)]) if cached
+                   else teachers)
+  step = train.make_train_step(STUDENT, TEACHER, config, augment_config(), NORM, num_replicas=2,
+                               replica_batching=batching, teacher_per_replica=True,
+                               teacher_logits_cached=cached)
+  together, _ = run_steps(step, states(keys, True), teacher_input, train_data, keys)
+  single = train.make_train_step(STUDENT, TEACHER, config, augment_config(), NORM)
+  for r, seed in enumerate((3, 4)):
+    alone, _ = run_steps(single, states(jax.random.key(seed), False), train.replica(teachers, r),
+                         train_data, jax.random.key(seed))
+    for a, b in zip(leaves(alone.params), leaves(together.params)):
+      np.testing.assert_allclose(b[r], a, rtol=2e-5, atol=2e-6)
+  # And replica 1 did not learn from teacher 0: the shared-teacher step gives another student.
+  shared = train.make_train_step(STUDENT, TEACHER, config, augment_config(), NORM, num_replicas=2,
+                                 replica_batching=batching)
+  first, _ = run_steps(shared, states(keys, True), train.replica(teachers, 0), train_data, keys)
+  assert not np.allclose(leaves(first.params)[0][1], leaves(together.params)[0][1])
+
+
+def test_matching_teachers_in_a_run(cli_env, tmp_path):
+  # Two lineages against one shared teacher: replica 0 has teacher 0 either way, replica 1 not.
+  students = {}
+  for mode in ('matching', 'first'):
+    workdir = tmp_path / mode
+    done = run_cli(cli_env, workdir, TINY, '--config.num_replicas=2', *SHORT,
+                   f'--config.kd.teacher_replica={mode}')
+    assert done.returncode == 0, done.stderr
+    students[mode] = final_arrays(workdir, 'student')[1]
+  for a, b in zip(students['matching'], students['first']):
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(students['matching'][0][1], students['first'][0][1], atol=1e-4)
+  mismatched = run_cli(cli_env, tmp_path / 'bad', TINY, '--config.num_replicas=2', *SHORT,
+                       '--config.kd.teacher_replica=matching',
+                       '--config.stages.teacher.num_replicas=1')
+  assert mismatched.returncode == 2 and 'same number of replicas' in mismatched.stderr
+  assert not (tmp_path / 'bad').exists()

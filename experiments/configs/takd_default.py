@@ -78,6 +78,9 @@ def get_config():
   config.kd.noise_alpha = 0.0          # probability that an example's teacher logits are noised.
   config.kd.noise_sigma = 0.0          # std of the multiplicative noise xi.
   config.kd.noise_ce_weight = 0.0      # weight of the classification term mixed with the L2.
+  # With replicas: 'first' (every student learns from the teacher stage's replica 0, one shared
+  # forward) or 'matching' (student replica r from teacher replica r: independent lineages).
+  config.kd.teacher_replica = 'first'
   config.kd.noise_on = 'teacher'       # paper; 'student': the same noise on the student's logits.
   # MATE (Sun et al. 2024): weight of an exit's own ensemble teacher; the rest share 1 − it.
   config.kd.primary_weight = 0.6
