@@ -79,23 +79,45 @@ def stage_rows(workdir: str) -> Dict[str, dict]:
     test = np.array([np.atleast_1d(m['test_accuracy']) for m in history], np.float64)
     val = np.array([np.atleast_1d(m['val_accuracy']) for m in history], np.float64)
     seeds = (result['replicas'] or {}).get('seeds') or [run.get('seed', 0)]
-    rows[name] = {
-        'name': name, 'model': result['model'], 'teacher': result['teacher'],
-        'loss': result['loss'], 'seeds': seeds, 'epochs': len(history),
-        'test': test[-1].tolist(), 'val': val[-1].tolist(),
-        'test_at_best_val': best_epoch_accuracy(val, test).tolist(),
-        'test_curve': test.mean(axis=1).tolist(), 'wall_s': result['wall_s'],
-        'exits': result.get('exits'),
-    }
+    base = {'model': result['model'], 'teacher': result['teacher'], 'loss': result['loss'],
+            'seeds': seeds, 'epochs': len(history), 'wall_s': result['wall_s']}
+    rows[name] = {'name': name, **base, **_accuracies(val, test)}
+    if 'test_accuracy_exits' in history[-1]:  # `[replicas, E]` (or `[E]`) per epoch.
+      exits_of = lambda key: np.array([np.reshape(m[key], (-1, np.shape(m[key])[-1]))
+                                       for m in history], np.float64)  # [epochs, R, E]
+      test_exits, val_exits = exits_of('test_accuracy_exits'), exits_of('val_accuracy_exits')
+      for i in range(test_exits.shape[-1]):
+        exit_name = f'{name}@exit{i + 1}'
+        rows[exit_name] = {'name': exit_name, **base, 'exit_of': name, 'exit': i + 1,
+                           **_accuracies(val_exits[..., i], test_exits[..., i])}
   return rows
 
 
+def _accuracies(val: np.ndarray, test: np.ndarray) -> dict:
+  """`[epochs, replicas]` histories → last-epoch and validation-selected values per replica."""
+  return {'test': test[-1].tolist(), 'val': val[-1].tolist(),
+          'test_at_best_val': best_epoch_accuracy(val, test).tolist(),
+          'test_curve': test.mean(axis=1).tolist()}
+
+
 def resolve(spec, rows: Dict[str, dict]) -> str:
-  """A stage name, or for `{'best_on_val': [names]}` the name with the best mean validation."""
+  """The row a claim means, by name (added to `rows` if derived).
+
+  `'name'` or `'stage@exitN'`: that row. `{'best_on_val': [names]}`: the one with the best mean
+  validation accuracy. `{'gain': (a, b, n)}`: per seed, exit n of stage a minus exit n of b.
+  """
   if isinstance(spec, str):
     if spec not in rows:
       raise KeyError(f"claim names stage '{spec}', which the run does not have.")
     return spec
+  if 'gain' in spec:
+    a, b, n = spec['gain']
+    better, worse = rows[resolve(f'{a}@exit{n}', rows)], rows[resolve(f'{b}@exit{n}', rows)]
+    name = f'gain {a} − {b} @exit{n}'
+    rows[name] = {'name': name, 'seeds': better['seeds'], 'derived': True, **{
+        key: (np.subtract(better[key], worse[key])).tolist()
+        for key in ('test', 'val', 'test_at_best_val')}}
+    return name
   candidates = spec['best_on_val']
   return max(candidates, key=lambda name: (np.mean(rows[name]['val']), -candidates.index(name)))
 
@@ -143,21 +165,25 @@ def render_markdown(report: dict) -> str:
            '"test @ best val" is each seed\'s test accuracy at its best validation epoch.', '',
            '| stage | model | teacher | seeds | test (last epoch) | test @ best val | paper |',
            '|---|---|---|---|---|---|---|']
-  for row in rows:
+  stage_rows_ = [r for r in rows if not r.get('exit_of') and not r.get('derived')]
+  for row in stage_rows_:
     paper = paper_rows.get(row['name'], '')
     lines.append(f"| {row['name']} | {row['model']} | {row['teacher'] or '—'} | "
                  f"{len(row['seeds'])} | {_pct(row['test'])} | {_pct(row['test_at_best_val'])} | "
                  f"{paper if paper == '' else f'{paper:.2f}'} |")
-  exit_rows = [r for r in rows if r.get('exits')]
-  if exit_rows:
-    n_exits = len(exit_rows[0]['exits']['test_accuracy'])
-    lines += ['', 'Per exit (last epoch, mean over seeds):', '',
-              '| stage | ' + ' | '.join(f'exit {i + 1}' for i in range(n_exits)) +
-              ' | ensemble |', '|---|' + '---|' * (n_exits + 1)]
-    for r in exit_rows:
-      cells = [f'{100 * a:.2f}' for a in r['exits']['test_accuracy']]
-      lines.append(f"| {r['name']} | {' | '.join(cells)} | "
-                   f"{100 * r['exits']['ensemble_test_accuracy']:.2f} |")
+  exits = {}
+  for r in rows:
+    if r.get('exit_of'):
+      exits.setdefault(r['exit_of'], []).append(r)
+  if exits:
+    n_exits = max(len(v) for v in exits.values())
+    lines += ['', 'Per exit: test accuracy (%) after the last epoch, mean ± std over seeds '
+              '(test @ best val in brackets):', '',
+              '| stage | ' + ' | '.join(f'exit {i + 1}' for i in range(n_exits)) + ' |',
+              '|---|' + '---|' * n_exits]
+    for stage, exit_rows in exits.items():
+      cells = [f"{_pct(r['test'])} ({_pct(r['test_at_best_val'])})" for r in exit_rows]
+      lines.append(f"| {stage} | {' | '.join(cells)} |")
   lines += ['', '## Claims', '',
             'Paired differences A − B in test accuracy points over the shared seeds: mean ± '
             'std, the 95 % t-interval, and how many seeds A wins. "holds" = the interval lies '
@@ -191,6 +217,7 @@ def plot(rows: List[dict], paper_rows: dict, path: str) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  rows = [r for r in rows if not r.get('derived')]
   fig, ax = plt.subplots(figsize=(7.0, 0.32 * len(rows) + 1.2), dpi=120)
   for y, row in enumerate(rows):
     values = 100 * np.asarray(row['test'])
@@ -236,14 +263,15 @@ def build_report(config_module, workdir: str, command: str, report_command: str)
     run = json.load(f)
   machine, versions = machine_and_versions()
   seeds = sorted({s for row in rows.values() for s in row['seeds']})
+  wall_s = float(sum(r['wall_s'] for r in rows.values() if 'exit_of' not in r))
   return {
       'title': (config_module.__doc__ or '').strip().splitlines()[0],
       'setup': '\n'.join((config_module.__doc__ or '').strip().splitlines()[1:]),
       'paper': {'source': reference['source'], 'rows': reference['rows']},
+      'claims': evaluate_claims(reference['claims'], rows),  # may add derived rows.
       'rows': list(rows.values()),
-      'claims': evaluate_claims(reference['claims'], rows),
       'run': {'command': command, 'report_command': report_command, 'machine': machine,
-              'versions': versions, 'wall_s': float(sum(r['wall_s'] for r in rows.values())),
+              'versions': versions, 'wall_s': wall_s,
               'seeds': seeds, 'finished_at': run.get('finished_at'),
               'dataset': run.get('dataset'), 'num_train': run.get('num_train'),
               'num_test': run.get('num_test')},

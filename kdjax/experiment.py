@@ -580,6 +580,14 @@ def _check_against_data(config, order, dataset: kd_data.Dataset, mesh) -> None:
 RUNTIME_ONLY_KEYS = ('progress_bar', 'compilation_cache_dir')
 
 
+def _same_experiment(recorded_json: str, wanted_json: str) -> bool:
+  try:
+    recorded = json.loads(recorded_json)
+  except ValueError:
+    return False
+  return recorded == _without_added_settings(recorded, json.loads(wanted_json))
+
+
 def _experiment_json(config) -> str:
   settings = config.to_dict()
   for key in RUNTIME_ONLY_KEYS:
@@ -587,14 +595,54 @@ def _experiment_json(config) -> str:
   return ml_collections.ConfigDict(settings).to_json_best_effort(indent=2, sort_keys=True)
 
 
+# Settings added after runs already existed, with the value that computes what runs without them
+# computed: a run recorded before a setting existed resumes if the config keeps that value.
+# (`*` matches any stage name.)
+ADDED_SETTINGS = (
+    (('stages', '*', 'num_replicas'), 0),
+    (('kd', 'noise_on'), 'teacher'),
+    (('stages', '*', 'kd', 'noise_on'), 'teacher'),
+    (('kd', 'teacher_replica'), 'first'),
+    (('stages', '*', 'kd', 'teacher_replica'), 'first'),
+)
+
+
+def _without_added_settings(recorded: dict, wanted: dict) -> dict:
+  """`wanted` less each `ADDED_SETTINGS` entry that `recorded` lacks and `wanted` holds neutral."""
+  wanted = json.loads(json.dumps(wanted))  # a deep copy.
+
+  def visit(old, new, path, neutral):
+    if not isinstance(old, dict) or not isinstance(new, dict):
+      return
+    head, rest = path[0], path[1:]
+    keys = list(new) if head == '*' else [head]
+    for key in keys:
+      if not rest:
+        if key not in old and key in new and new[key] == neutral:
+          del new[key]
+      elif key in old and key in new:
+        visit(old[key], new[key], rest, neutral)
+
+  for path, neutral in ADDED_SETTINGS:
+    visit(recorded, wanted, path, neutral)
+  return wanted
+
+
 def _claim_workdir(config, workdir: str, overwrite: bool) -> None:
-  """Records the config in `workdir`; refuses a different experiment unless `overwrite`."""
+  """Records the config in `workdir`; refuses a different experiment unless `overwrite`.
+
+  A run recorded by an older kdjax, before some `ADDED_SETTINGS` existed, is the same experiment
+  if this config holds those settings at their neutral values; its record is brought up to date.
+  """
   path = os.path.join(workdir, 'config.json')
   wanted = _experiment_json(config)
   if os.path.exists(path):
     with open(path) as f:
       existing = f.read()
-    if existing != wanted:
+    if existing != wanted and _same_experiment(existing, wanted):
+      print(f'{workdir}: recorded before some settings existed; they hold their neutral values '
+            'here, so the run continues (config.json updated).')
+    elif existing != wanted:
       if not overwrite:
         raise KdjaxError(
             f"'{workdir}' holds a run of a different config (see its config.json); kdjax will not "

@@ -103,3 +103,31 @@ def test_takd_reproduction_config_follows_the_protocol():
   assert path_to_teacher('blkd') == [2, 10] and path_to_teacher('nokd') == [2]
   assert {path_to_teacher(f'takd_via_ta{d}')[1] for d in (8, 6, 4)} == {8, 6, 4}
   assert order.index('teacher') == 0 and len(order) == 12
+
+
+@pytest.mark.parametrize('name', ['repro_takd_cifar10_cnn', 'repro_noisy_mnist',
+                                  'repro_generations_cifar10', 'repro_mate_cifar10'])
+def test_reproduction_configs_follow_the_protocol(name):
+  module = importlib.import_module(f'experiments.configs.{name}')
+  config = module.get_config()
+  order = experiment.stage_order(config)  # every stage and value checks out.
+  assert config.data.validation_size == 5000
+  replicas = {n: experiment.stage_config(config, n).num_replicas for n in order}
+  assert sum(r >= 3 for r in replicas.values()) >= len(order) - 6  # teachers may train once.
+  if not hasattr(module, 'paper'):
+    return
+  claimed = set()
+
+  def names(spec):
+    if isinstance(spec, str):
+      return {spec.split('@')[0]}
+    if 'gain' in spec:
+      return set(spec['gain'][:2])
+    return set(spec['best_on_val'])
+
+  for _, pairs in module.paper()['claims']:
+    for better, worse in pairs:
+      claimed |= names(better) | names(worse)
+  assert claimed <= set(order), claimed - set(order)
+  for stage in claimed:  # every compared row has seeds to pair.
+    assert replicas[stage] >= 3, stage

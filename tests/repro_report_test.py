@@ -81,3 +81,27 @@ def test_report_of_a_real_run(validated_run, tmp_path):
   assert '| student > teacher |' in markdown and '50.00' in markdown
   assert (tmp_path / 'accuracy.png').stat().st_size > 1000
   assert json.loads((tmp_path / 'results.json').read_text())['run']['command'] == 'cmd'
+
+
+def test_report_of_a_multi_exit_run(cli_env, tmp_path_factory, tmp_path):
+  run = finished_run(cli_env, tmp_path_factory, 'repro_mate', 'tests/configs/tiny_mate.py',
+                     '--config.num_replicas=2', '--config.data.validation_size=300',
+                     '--config.train.epochs=1')
+  config_module = types.ModuleType('tiny_mate_repro')
+  config_module.__doc__ = 'Tiny MATE reproduction.\n\nSetup.'
+  config_module.paper = lambda: {'source': 'nowhere', 'rows': {}, 'claims': [
+      ('gain shallow > gain deep', [({'gain': ('mate', 'byot', 1)},
+                                     {'gain': ('mate', 'byot', 3)})])]}
+  report = repro_report.build_report(config_module, str(run), 'cmd', 'report cmd')
+  rows = {r['name']: r for r in report['rows']}
+  last = {}
+  for stage in ('mate', 'byot'):
+    with open(run / 'stages' / stage / 'metrics.jsonl') as f:
+      last[stage] = np.array(json.loads(f.readlines()[-1])['test_accuracy_exits'])  # [R, E]
+    for i in range(3):
+      np.testing.assert_allclose(rows[f'{stage}@exit{i + 1}']['test'], last[stage][:, i])
+  comparison = report['claims'][0]['comparisons'][0]
+  gain = last['mate'] - last['byot']
+  np.testing.assert_allclose(comparison['diffs'], gain[:, 0] - gain[:, 2], atol=1e-12)
+  repro_report.write(report, str(tmp_path))
+  assert '| mate | ' in (tmp_path / 'results.md').read_text()

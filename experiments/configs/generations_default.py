@@ -25,21 +25,22 @@ TOLERANT_LAMBDA = 0.6
 BORN_AGAIN_LAMBDA = 0.5
 
 
-def add_generations(config, model):
-  """Fills `config.stages` with the three D(η, λ) runs for `model`; returns the run order."""
+def add_generations(config, model, generations=GENERATIONS):
+  """Fills `config.stages` with the three D(η, λ) runs for `model`, each a patriarch and
+  `generations` students, and sets `config.stage_order`."""
   config.kd.temperature = 1.0
   config.stages = ml_collections.ConfigDict()
   config.stages.strict_g0 = stage(model)
   config.stages.tolerant_g0 = stage(model, eta=TOLERANT_ETA)
   order = ['strict_g0']
-  for g in range(1, GENERATIONS + 1):
+  for g in range(1, generations + 1):
     config.stages[f'baseline_g{g}'] = stage(model)
     order.append(f'baseline_g{g}')
   for run, patriarch, weight in (('born_again', 'strict_g0', BORN_AGAIN_LAMBDA),
                                  ('tolerant', 'tolerant_g0', TOLERANT_LAMBDA)):
     if run == 'tolerant':
       order.append('tolerant_g0')
-    for g in range(1, GENERATIONS + 1):
+    for g in range(1, generations + 1):
       teacher = patriarch if g == 1 else f'{run}_g{g - 1}'
       config.stages[f'{run}_g{g}'] = stage(model, 'kd', teacher=teacher, kd_weight=weight)
       order.append(f'{run}_g{g}')
