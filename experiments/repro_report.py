@@ -1,7 +1,7 @@
 """Turns a finished reproduction run into its committed folder `experiments/results/<name>/`.
 
   python experiments/repro_report.py --config=experiments/configs/repro_takd_cifar10_cnn.py \
-      --workdir=runs/repro_takd_cifar10_cnn_v2 --out=experiments/results/repro_takd_cifar10_cnn \
+      --workdir=runs/repro_takd_cifar10_cnn --out=experiments/results/repro_takd_cifar10_cnn \
       --command='python -m kdjax.main --config=... --workdir=... --config.data.npz=...'
 
 Reads the run's `results.json` and each stage's `metrics.jsonl` (per-replica accuracies) and the

@@ -18,7 +18,7 @@ search was. Everything else follows `takd_cifar10_cnn.py` (the official code's s
   python3 ../shared/data/convert/cifar10_jpegbytes.py decode \
       ../shared/data/cifar10_jpegbytes.npz /tmp/cifar10.npz
   python -m kdjax.main --config=experiments/configs/repro_takd_cifar10_cnn.py \
-      --workdir=runs/repro_takd_cifar10_cnn_v2 --config.data.npz=/tmp/cifar10.npz
+      --workdir=runs/repro_takd_cifar10_cnn --config.data.npz=/tmp/cifar10.npz
 """
 
 import ml_collections
