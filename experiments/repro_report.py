@@ -200,6 +200,8 @@ def render_markdown(report: dict) -> str:
           f"| {claim['claim'] if i == 0 else ''} | {c['better']} > {c['worse']} | "
           f"{100 * c['mean']:+.2f}{std} | {interval} | {c['wins']}/{c['n']} | "
           f"{_verdict_words(c)} | {100 * selected['mean']:+.2f} ({_verdict_words(selected)}) |")
+  if report.get('extra'):
+    lines += ['', report['extra'].strip()]
   lines += ['', '## Summary', '']
   for claim in claims:
     lines.append(f"- {claim['claim']}: **{claim['verdict']}**.")
@@ -270,6 +272,9 @@ def build_report(config_module, workdir: str, command: str, report_command: str)
       'paper': {'source': reference['source'], 'rows': reference['rows']},
       'claims': evaluate_claims(reference['claims'], rows),  # may add derived rows.
       'rows': list(rows.values()),
+      # A config may add its own section (a grid table, say): `extra_markdown(rows)`.
+      'extra': (config_module.extra_markdown(rows)
+                if hasattr(config_module, 'extra_markdown') else ''),
       'run': {'command': command, 'report_command': report_command, 'machine': machine,
               'versions': versions, 'wall_s': wall_s,
               'seeds': seeds, 'finished_at': run.get('finished_at'),

@@ -1,7 +1,8 @@
 """Stages and chains: train teacher → assistant(s) → student, each stage checkpointed and resumable.
 
-A config's `stages` maps a stage name to `{model, loss, teacher, num_replicas, train, kd}`. Stages run teachers
-first (a topological order, ties broken by name). Each stage lives in `WORKDIR/stages/<name>/`:
+A config's `stages` maps a stage name to `{model, loss, teacher, num_replicas, train, kd}`.
+Stages run teachers first (a topological order, ties broken by name). Each stage lives in
+`WORKDIR/stages/<name>/`:
 
   checkpoints/   Orbax `CheckpointManager`: every epoch (and every `checkpoint_every_steps`), the
                  last few kept; the final one carries `"final": true` in its metadata.
@@ -286,11 +287,12 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
               normalization: train.Normalization, mesh) -> StageResult:
   """Trains (or resumes, or skips if finished) one stage and returns its result.
 
-  With N > 1 replicas (the stage's `num_replicas`, else `config.num_replicas`) it trains N students in one step (vmapped or unrolled,
-  `config.replica_batching`): replica r is initialised from seed `config.seed + r` and draws its
-  loss noise from it; all share the batches, their order and augmentation (seed `config.seed`),
-  and the teacher, which is replica 0 of the teacher stage. Sharing the data is what lets one
-  teacher forward serve all N.
+  With N > 1 replicas (the stage's `num_replicas`, else `config.num_replicas`) it trains N
+  students in one step (vmapped or unrolled, `config.replica_batching`): replica r is initialised
+  from seed `config.seed + r` and draws its loss noise from it; all share the batches, their order
+  and augmentation (seed `config.seed`), and the teacher, which is replica 0 of the teacher stage
+  (`kd.teacher_replica='first'`: one teacher forward serves all N) or, with 'matching', the
+  teacher stage's replica r.
   """
   stage = stage_config(config, name)
   t = stage.train
