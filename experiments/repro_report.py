@@ -25,6 +25,7 @@ import importlib
 import json
 import os
 import platform
+import shlex
 import sys
 from typing import Dict, List, Sequence
 
@@ -301,8 +302,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   module_name = os.path.splitext(os.path.normpath(args.config))[0].replace(os.sep, '.')
   config_module = importlib.import_module(module_name)
-  report_command = 'python ' + ' '.join(sys.argv) if argv is None else 'repro_report ' + ' '.join(
-      argv)
+  report_command = 'python ' + shlex.join(sys.argv if argv is None else ['repro_report', *argv])
   report = build_report(config_module, args.workdir, args.command, report_command)
   write(report, args.out)
   print(render_markdown(report))

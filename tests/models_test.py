@@ -106,7 +106,7 @@ def test_lenet5_and_mlp_counts_by_hand():
 
 def test_dropout_mlp_is_the_mlp_in_eval_and_unbiased_in_training():
   plain = models.get_model('mlp_1x100', 10)
-  dropout = models.get_model('mlp_1x100_dropout', 10)
+  dropout = models.get_model('mlp_1x100_dropout50', 10)
   x = np.random.default_rng(0).uniform(size=(4, 28, 28, 1)).astype(np.float32)
   variables = models.init_variables(dropout, (28, 28, 1), jax.random.key(0))
   eval_out = np.asarray(dropout.apply(variables, x, train=False))

@@ -1,13 +1,15 @@
 """The reproduction report: paired statistics against hand-computed values, and a real tiny run."""
 
+import glob
 import json
+import os
 import types
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import finished_run
+from conftest import REPO, finished_run
 from experiments import repro_report
 
 TINY = 'tests/configs/tiny_chain.py'
@@ -105,3 +107,19 @@ def test_report_of_a_multi_exit_run(cli_env, tmp_path_factory, tmp_path):
   np.testing.assert_allclose(comparison['diffs'], gain[:, 0] - gain[:, 2], atol=1e-12)
   repro_report.write(report, str(tmp_path))
   assert '| mate | ' in (tmp_path / 'results.md').read_text()
+
+
+@pytest.mark.parametrize('folder', sorted(
+    glob.glob(os.path.join(REPO, 'experiments', 'results', 'repro_*'))))
+def test_committed_reproductions_are_their_json_rendered(folder):
+  # The page is the JSON rendered, and every verdict follows from the per-seed values kept.
+  report = json.loads(open(os.path.join(folder, 'results.json')).read())
+  assert open(os.path.join(folder, 'results.md')).read() == repro_report.render_markdown(report)
+  rows = {r['name']: r for r in report['rows']}
+  for claim in report['claims']:
+    for c in claim['comparisons']:
+      again = repro_report.paired_comparison(rows[c['better']]['test'], rows[c['worse']]['test'])
+      assert again['verdict'] == c['verdict']
+      np.testing.assert_allclose(again['diffs'], c['diffs'])
+  assert os.path.getsize(os.path.join(folder, 'accuracy.png')) > 1000
+  assert {'command', 'machine', 'versions', 'wall_s', 'seeds'} <= set(report['run'])

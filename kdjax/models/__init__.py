@@ -27,8 +27,9 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
        for d in sorted(_resnet.BLOCKS_PER_STAGE)},
     'lenet5': _small.LeNet5,
     **{name: functools.partial(_small.MLP, widths) for name, widths in _small.MLP_SHAPES.items()},
-    **{f'{name}_dropout': functools.partial(_small.MLP, widths, dropout_rate=_small.DROPOUT_RATE)
-       for name, widths in _small.MLP_SHAPES.items()},
+    **{f'{name}_dropout{round(100 * rate)}': functools.partial(_small.MLP, widths,
+                                                               dropout_rate=rate)
+       for name, widths in _small.MLP_SHAPES.items() for rate in _small.DROPOUT_RATES},
 }
 
 

@@ -3,8 +3,9 @@
 `LeNet5`: LeCun et al. 1998's layout with ReLU and max-pooling (conv 6@5×5 'SAME' → pool → conv
 16@5×5 → pool → 120 → 84 → classes). `MLP`: flatten, ReLU hidden layers, linear output; names
 `mlp_<layers>x<width>`, e.g. `mlp_2x800` (Hinton et al. 2015's small MNIST student), and
-`mlp_<layers>x<width>_dropout`, the same with dropout p = 0.5 after every hidden layer (Srivastava
-et al. 2014's hidden-unit rate), the regulariser the noisy-teacher paper compares against. The
+`mlp_<layers>x<width>_dropout<percent>`, the same with dropout after every hidden layer at
+p = 0.1, 0.2 or 0.5 (0.5: Srivastava et al. 2014's hidden-unit rate), the regulariser the
+noisy-teacher paper compares against. The
 noisy-teacher paper's exact architectures are not reachable here; these are the conventional ones.
 """
 
@@ -50,4 +51,4 @@ class MLP(nn.Module):
 
 
 MLP_SHAPES = {'mlp_1x100': (100,), 'mlp_2x800': (800, 800), 'mlp_2x1200': (1200, 1200)}
-DROPOUT_RATE = 0.5
+DROPOUT_RATES = (0.1, 0.2, 0.5)
