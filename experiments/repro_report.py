@@ -156,10 +156,24 @@ def _verdict_words(comparison) -> str:
   return f"within spread ({side} on average)"
 
 
+def _fence_indented(text: str) -> str:
+  """A docstring as Markdown: its indented blocks (stage lists, commands) in code fences."""
+  out, block = [], []
+  for line in text.splitlines() + ['']:
+    if line.startswith('  '):
+      block.append(line[2:])
+      continue
+    if block:
+      out += ['```text', *block, '```']
+      block = []
+    out.append(line)
+  return '\n'.join(out).strip()
+
+
 def render_markdown(report: dict) -> str:
   rows, claims = report['rows'], report['claims']
   paper_rows = report['paper']['rows']
-  lines = [f"# {report['title']}", '', report['setup'].strip(), '',
+  lines = [f"# {report['title']}", '', _fence_indented(report['setup'].strip()), '',
            f"Paper: {report['paper']['source']}.", '',
            '## Results', '',
            'Test accuracy (%) after the last epoch, mean ± sample std over seeds (n = seeds); '

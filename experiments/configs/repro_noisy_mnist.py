@@ -21,7 +21,7 @@ alone), so each objective gets its own rate from a sweep on validation,
                                0.003, 0.01 (stages of this config; `:sweep` runs only these)
 
 and every L2 stage (clean, noisy, student noise, dropout) uses the L2 rate, every CE stage the CE
-rate. The rates below are the sweep's picks (its table is in the results).
+rate: the sweep picked CE 0.1 and L2 0.003 (its table is on the results page).
 
 What differs from the paper: its exact MNIST architectures, schedule and grid are not reachable
 here, so the teacher is the conventional LeNet-5 and the student the small MLP of
