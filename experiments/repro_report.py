@@ -32,6 +32,8 @@ from typing import Dict, List, Sequence
 import numpy as np
 from scipy import stats
 
+from kdjax import experiment, report as run_report
+
 HOLDS, REVERSED, WITHIN = 'holds', 'reversed', 'within spread'
 
 
@@ -59,24 +61,18 @@ def paired_comparison(better: Sequence[float], worse: Sequence[float]) -> dict:
           'verdict': verdict, 'wins': int(np.sum(diffs > 0))}
 
 
-def best_epoch_accuracy(val: np.ndarray, test: np.ndarray) -> np.ndarray:
-  """Per replica, the test accuracy at its best validation epoch (earliest of ties).
-
-  `val`, `test`: `[epochs, replicas]`. Returns `[replicas]`.
-  """
-  best = np.argmax(val, axis=0)  # argmax returns the first maximum: the earliest epoch.
-  return test[best, np.arange(test.shape[1])]
-
-
-def stage_rows(workdir: str) -> Dict[str, dict]:
-  """Per stage: seeds, last-epoch test/val accuracy and test @ best val, one value per replica."""
+def load_run(workdir: str) -> dict:
+  """The finished run's `results.json`."""
   with open(os.path.join(workdir, 'results.json')) as f:
-    run = json.load(f)
+    return json.load(f)
+
+
+def stage_rows(workdir: str, run: dict) -> Dict[str, dict]:
+  """Per stage: seeds, last-epoch test/val accuracy and test @ best val, one value per replica."""
   rows = {}
   for result in run['stages']:
     name = result['name']
-    with open(os.path.join(workdir, 'stages', name, 'metrics.jsonl')) as f:
-      history = [json.loads(line) for line in f if line.strip()]
+    history = experiment.read_metrics(os.path.join(workdir, 'stages', name, 'metrics.jsonl'))
     test = np.array([np.atleast_1d(m['test_accuracy']) for m in history], np.float64)
     val = np.array([np.atleast_1d(m['val_accuracy']) for m in history], np.float64)
     seeds = (result['replicas'] or {}).get('seeds') or [run.get('seed', 0)]
@@ -97,7 +93,7 @@ def stage_rows(workdir: str) -> Dict[str, dict]:
 def _accuracies(val: np.ndarray, test: np.ndarray) -> dict:
   """`[epochs, replicas]` histories → last-epoch and validation-selected values per replica."""
   return {'test': test[-1].tolist(), 'val': val[-1].tolist(),
-          'test_at_best_val': best_epoch_accuracy(val, test).tolist(),
+          'test_at_best_val': experiment.accuracy_at_best_validation(val, test)[1].tolist(),
           'test_curve': test.mean(axis=1).tolist()}
 
 
@@ -177,15 +173,16 @@ def render_markdown(report: dict) -> str:
            f"Paper: {report['paper']['source']}.", '',
            '## Results', '',
            'Test accuracy (%) after the last epoch, mean ± sample std over seeds (n = seeds); '
-           '"test @ best val" is each seed\'s test accuracy at its best validation epoch.', '',
-           '| stage | model | teacher | seeds | test (last epoch) | test @ best val | paper |',
-           '|---|---|---|---|---|---|---|']
-  stage_rows_ = [r for r in rows if not r.get('exit_of') and not r.get('derived')]
-  for row in stage_rows_:
-    paper = paper_rows.get(row['name'], '')
-    lines.append(f"| {row['name']} | {row['model']} | {row['teacher'] or '—'} | "
-                 f"{len(row['seeds'])} | {_pct(row['test'])} | {_pct(row['test_at_best_val'])} | "
-                 f"{paper if paper == '' else f'{paper:.2f}'} |")
+           '"test @ best val" is each seed\'s test accuracy at its best validation epoch.', '']
+  table = [['stage', 'model', 'teacher', 'seeds', 'test (last epoch)', 'test @ best val',
+            'paper']]
+  for row in rows:
+    if not row.get('exit_of') and not row.get('derived'):
+      paper = paper_rows.get(row['name'])
+      table.append([row['name'], row['model'], row['teacher'] or '—', str(len(row['seeds'])),
+                    _pct(row['test']), _pct(row['test_at_best_val']),
+                    '' if paper is None else f'{paper:.2f}'])
+  lines.append(run_report.format_table(table))
   exits = {}
   for r in rows:
     if r.get('exit_of'):
@@ -193,28 +190,30 @@ def render_markdown(report: dict) -> str:
   if exits:
     n_exits = max(len(v) for v in exits.values())
     lines += ['', 'Per exit: test accuracy (%) after the last epoch, mean ± std over seeds '
-              '(test @ best val in brackets):', '',
-              '| stage | ' + ' | '.join(f'exit {i + 1}' for i in range(n_exits)) + ' |',
-              '|---|' + '---|' * n_exits]
+              '(test @ best val in brackets):', '']
+    table = [['stage', *(f'exit {i + 1}' for i in range(n_exits))]]
     for stage, exit_rows in exits.items():
-      cells = [f"{_pct(r['test'])} ({_pct(r['test_at_best_val'])})" for r in exit_rows]
-      lines.append(f"| {stage} | {' | '.join(cells)} |")
+      table.append([stage, *(f"{_pct(r['test'])} ({_pct(r['test_at_best_val'])})"
+                             for r in exit_rows)])
+    lines.append(run_report.format_table(table))
   lines += ['', '## Claims', '',
             'Paired differences A − B in test accuracy points over the shared seeds: mean ± '
             'std, the 95 % t-interval, and how many seeds A wins. "holds" = the interval lies '
             'above 0; "reversed" = below 0; otherwise the difference is within the seed spread.',
-            '', '| claim | A > B | A − B (last epoch) | 95 % interval | wins | verdict | '
-            'A − B (test @ best val) |', '|---|---|---|---|---|---|---|']
+            '']
+  table = [['claim', 'A > B', 'A − B (last epoch)', '95 % interval', 'wins', 'verdict',
+            'A − B (test @ best val)']]
   for claim in claims:
     for i, c in enumerate(claim['comparisons']):
       interval = (f"[{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}]"
                   if c['ci95'] else '—')
       std = f" ± {100 * c['std']:.2f}" if c['std'] is not None else ''
       selected = c['selected']
-      lines.append(
-          f"| {claim['claim'] if i == 0 else ''} | {c['better']} > {c['worse']} | "
-          f"{100 * c['mean']:+.2f}{std} | {interval} | {c['wins']}/{c['n']} | "
-          f"{_verdict_words(c)} | {100 * selected['mean']:+.2f} ({_verdict_words(selected)}) |")
+      table.append([claim['claim'] if i == 0 else '', f"{c['better']} > {c['worse']}",
+                    f"{100 * c['mean']:+.2f}{std}", interval, f"{c['wins']}/{c['n']}",
+                    _verdict_words(c),
+                    f"{100 * selected['mean']:+.2f} ({_verdict_words(selected)})"])
+  lines.append(run_report.format_table(table))
   if report.get('extra'):
     lines += ['', report['extra'].strip()]
   lines += ['', '## Summary', '']
@@ -231,30 +230,24 @@ def render_markdown(report: dict) -> str:
 
 def plot(rows: List[dict], paper_rows: dict, path: str) -> None:
   """Each stage's last-epoch test accuracy per seed (dots), mean ± std (bar), paper (cross)."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
   rows = [r for r in rows if not r.get('derived')]
-  fig, ax = plt.subplots(figsize=(7.0, 0.32 * len(rows) + 1.2), dpi=120)
-  for y, row in enumerate(rows):
-    values = 100 * np.asarray(row['test'])
-    ax.scatter(values, [y] * len(values), s=12, color='tab:blue', alpha=0.6, zorder=3)
-    if len(values) > 1:
-      ax.errorbar(values.mean(), y, xerr=values.std(ddof=1), fmt='o', color='tab:blue',
-                  capsize=3, zorder=4)
-    if row['name'] in paper_rows:
-      ax.scatter(paper_rows[row['name']], y, marker='x', s=40, color='tab:red', zorder=5,
-                 label='paper' if 'paper' not in ax.get_legend_handles_labels()[1] else None)
-  ax.set_yticks(range(len(rows)))
-  ax.set_yticklabels([r['name'] for r in rows])
-  ax.invert_yaxis()
-  ax.set_xlabel('test accuracy after the last epoch (%): seeds (dots), mean ± std')
-  ax.grid(alpha=0.3, axis='x')
-  if paper_rows:
-    ax.legend(loc='lower right')
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+
+  def draw(ax):
+    for y, row in enumerate(rows):
+      values = 100 * np.asarray(row['test'])
+      ax.scatter(values, [y] * len(values), s=12, color='tab:blue', alpha=0.6, zorder=3)
+      if len(values) > 1:
+        ax.errorbar(values.mean(), y, xerr=values.std(ddof=1), fmt='o', color='tab:blue',
+                    capsize=3, zorder=4)
+      if row['name'] in paper_rows:
+        ax.scatter(paper_rows[row['name']], y, marker='x', s=40, color='tab:red', zorder=5,
+                   label='paper' if 'paper' not in ax.get_legend_handles_labels()[1] else None)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r['name'] for r in rows])
+    ax.invert_yaxis()
+
+  run_report.save_plot(path, 'test accuracy after the last epoch (%): seeds (dots), mean ± std',
+                       '', draw, figsize=(7.0, 0.32 * len(rows) + 1.2))
 
 
 def machine_and_versions() -> tuple:
@@ -274,10 +267,9 @@ def machine_and_versions() -> tuple:
 
 
 def build_report(config_module, workdir: str, command: str, report_command: str) -> dict:
-  rows = stage_rows(workdir)
+  run = load_run(workdir)
+  rows = stage_rows(workdir, run)
   reference = config_module.paper()
-  with open(os.path.join(workdir, 'results.json')) as f:
-    run = json.load(f)
   machine, versions = machine_and_versions()
   seeds = sorted({s for row in rows.values() for s in row['seeds']})
   wall_s = float(sum(r['wall_s'] for r in rows.values() if 'exit_of' not in r))

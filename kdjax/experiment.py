@@ -431,7 +431,7 @@ def run_stage(config, name: str, workdir: str, dataset: kd_data.Dataset, device_
                           f"{stage_dir}. Re-run the same command to resume.")
     progress.close()
 
-    history = _read_metrics(metrics_path)
+    history = read_metrics(metrics_path)
     last = history[-1]
     mean = lambda key: float(np.mean(last[key]))  # a replica list, or one number.
     result = StageResult(
@@ -474,14 +474,22 @@ def _preemption_guard():
     signal.signal(signal.SIGTERM, previous)
 
 
+def accuracy_at_best_validation(val: np.ndarray, test: np.ndarray):
+  """Per replica, the best validation epoch (earliest of ties) and the test accuracy at it.
+
+  `val`, `test`: `[epochs, replicas]`. Returns (epoch indices `[replicas]`, test `[replicas]`).
+  """
+  best = np.argmax(val, axis=0)  # argmax returns the first maximum: the earliest epoch.
+  return best, test[best, np.arange(test.shape[1])]
+
+
 def _select_on_validation(history: List[dict]):
   """(epoch(s) of best validation accuracy, mean test accuracy at them), per replica."""
   val = np.array([np.atleast_1d(m['val_accuracy']) for m in history])    # [epochs, replicas]
   test = np.array([np.atleast_1d(m['test_accuracy']) for m in history])
-  best = np.argmax(val, axis=0)  # the earliest epoch among ties.
-  selected_test = float(np.mean(test[best, np.arange(val.shape[1])]))
+  best, selected_test = accuracy_at_best_validation(val, test)
   epochs = [int(history[i]['epoch']) for i in best]
-  return (epochs if val.shape[1] > 1 else epochs[0]), selected_test
+  return (epochs if val.shape[1] > 1 else epochs[0]), float(np.mean(selected_test))
 
 
 def _check_finite(step_metrics, name, step, loss_name) -> None:
@@ -532,7 +540,8 @@ def _progress_bar(config, name, total, initial):
                    disable=not config.progress_bar, dynamic_ncols=True, leave=True)
 
 
-def _read_metrics(path: str) -> List[dict]:
+def read_metrics(path: str) -> List[dict]:
+  """A stage's `metrics.jsonl`: one dict per finished epoch; `[]` if the file does not exist."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
@@ -541,7 +550,7 @@ def _read_metrics(path: str) -> List[dict]:
 
 def _truncate_metrics(path: str, completed_epochs: int) -> None:
   """Drops lines for epochs after the restored checkpoint, so a resumed run does not repeat them."""
-  kept = [m for m in _read_metrics(path) if m['epoch'] <= completed_epochs]
+  kept = [m for m in read_metrics(path) if m['epoch'] <= completed_epochs]
   with open(path, 'w') as f:
     f.writelines(json.dumps(m) + '\n' for m in kept)
 
@@ -682,7 +691,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   results: Dict[str, StageResult] = {}
   for name in order:
     results[name] = run_stage(config, name, workdir, dataset, device_data, normalization, mesh)
-  histories = {name: _read_metrics(os.path.join(workdir, 'stages', name, 'metrics.jsonl'))
+  histories = {name: read_metrics(os.path.join(workdir, 'stages', name, 'metrics.jsonl'))
                for name in order}
   rows = [results[name] for name in order]
   report.write(workdir, dataset, [dataclasses.asdict(r) for r in rows], histories)

@@ -39,7 +39,7 @@ def markdown_table(rows: List[dict]) -> str:
       line[5:5] = [f"{100 * row['val_accuracy']:.2f}",
                    f"{100 * row['selected_test_accuracy']:.2f} (epoch {row['selected_epoch']})"]
     cells.append(line)
-  return _format_table(cells)
+  return format_table(cells)
 
 
 def _accuracy_cell(row: dict) -> str:
@@ -50,7 +50,7 @@ def _accuracy_cell(row: dict) -> str:
   return f"{100 * row['test_accuracy']:.2f}"
 
 
-def _format_table(cells: List[List[str]]) -> str:
+def format_table(cells: List[List[str]]) -> str:
   """A markdown table from a header row and body rows, columns padded to align."""
   widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
   line = lambda c: '| ' + ' | '.join(x.ljust(w) for x, w in zip(c, widths)) + ' |'
@@ -68,7 +68,7 @@ def multi_exit_table(rows: List[dict]) -> str:
       'ensemble']
   body = [[r['name'], *[f'{100 * a:.2f}' for a in r['exits']['test_accuracy']],
            f"{100 * r['exits']['ensemble_test_accuracy']:.2f}"] for r in rows]
-  return _format_table([header, *body])
+  return format_table([header, *body])
 
 
 def plot_exits(rows: List[dict], path: str) -> None:
@@ -77,7 +77,7 @@ def plot_exits(rows: List[dict], path: str) -> None:
       if r.get('exits'):
         ax.plot([m / 1e6 for m in r['exits']['macs']],
                 [100 * a for a in r['exits']['test_accuracy']], marker='o', label=r['name'])
-  _save_plot(path, 'MACs per image to reach the exit (millions)', 'test accuracy (%)', draw)
+  save_plot(path, 'MACs per image to reach the exit (millions)', 'test accuracy (%)', draw)
 
 
 def write(workdir: str, dataset, rows: List[dict], histories: Dict[str, List[dict]]) -> None:
@@ -113,19 +113,21 @@ def plot_test_accuracy(histories: Dict[str, List[dict]], path: str) -> None:
         spread = accuracy.std(axis=1, ddof=1)
         ax.fill_between(epochs, accuracy.mean(axis=1) - spread, accuracy.mean(axis=1) + spread,
                         color=lines[0].get_color(), alpha=0.2)
-  _save_plot(path, 'epoch', 'test accuracy (%)', draw)
+  save_plot(path, 'epoch', 'test accuracy (%)', draw)
 
 
-def _save_plot(path: str, xlabel: str, ylabel: str, draw) -> None:
+def save_plot(path: str, xlabel: str, ylabel: str, draw, figsize=(6.4, 4.0)) -> None:
+  """One-axes figure: `draw(ax)` plots, then labels, a grid and the legend (if any) are added."""
   import matplotlib  # imported here: only the end of a run draws.
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+  fig, ax = plt.subplots(figsize=figsize, dpi=120)
   draw(ax)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.grid(alpha=0.3)
-  ax.legend()
+  if ax.get_legend_handles_labels()[1]:
+    ax.legend()
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

@@ -129,3 +129,13 @@ def test_epoch_selection_uses_validation_only():
               {'epoch': 2, 'val_accuracy': [0.7, 0.3], 'test_accuracy': [0.3, 0.4]}]
   epochs, test = _select_on_validation(replicas)
   assert epochs == [2, 1] and abs(test - (0.3 + 0.2) / 2) < 1e-12
+
+
+def test_best_validation_epoch_is_per_replica_and_earliest_of_ties():
+  from kdjax.experiment import accuracy_at_best_validation
+  val = np.array([[0.5, 0.9], [0.7, 0.9], [0.7, 0.8]])    # [epochs, replicas]
+  test = np.array([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
+  # Replica 0: best val 0.7 first at epoch 1 → 0.3; replica 1: 0.9 first at epoch 0 → 0.2.
+  epochs, selected = accuracy_at_best_validation(val, test)
+  np.testing.assert_array_equal(epochs, [1, 0])
+  np.testing.assert_array_equal(selected, [0.3, 0.2])

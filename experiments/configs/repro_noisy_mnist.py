@@ -56,11 +56,6 @@ def rate_name(prefix, rate):
   return f'{prefix}_lr{str(rate).replace(".", "")}'
 
 
-def with_rate(s, rate):
-  s.train.learning_rate = rate
-  return s
-
-
 def get_config(phase='all'):
   """`phase='sweep'`: the teacher and the learning-rate sweep only; `'all'`: everything."""
   config = noisy_default.get_config()
@@ -74,11 +69,11 @@ def get_config(phase='all'):
   config.stages.teacher = stage('lenet5', num_replicas=1)  # CE at the config's lr 0.01.
   order = ['teacher']
   for rate in CE_RATES:
-    config.stages[rate_name('alone', rate)] = with_rate(stage(STUDENT), rate)
+    config.stages[rate_name('alone', rate)] = stage(STUDENT, train={'learning_rate': rate})
     order.append(rate_name('alone', rate))
   for rate in L2_RATES:
-    config.stages[rate_name('clean', rate)] = with_rate(
-        stage(STUDENT, 'noisy_l2', teacher='teacher'), rate)
+    config.stages[rate_name('clean', rate)] = stage(STUDENT, 'noisy_l2', teacher='teacher',
+                                                    train={'learning_rate': rate})
     order.append(rate_name('clean', rate))
   if phase == 'sweep':
     config.stage_order = tuple(order)
@@ -87,22 +82,22 @@ def get_config(phase='all'):
     raise ValueError(f"phase must be 'sweep' or 'all' (after the sweep set CE_RATE, L2_RATE); "
                      f'got {phase!r}.')
 
-  config.stages.alone = with_rate(stage(STUDENT), CE_RATE)
-  config.stages.alone_dropout = with_rate(stage(f'{STUDENT}_dropout50'), CE_RATE)
-  config.stages.clean = with_rate(stage(STUDENT, 'noisy_l2', teacher='teacher'), L2_RATE)
+  ce_rate, l2_rate = {'learning_rate': CE_RATE}, {'learning_rate': L2_RATE}
+  config.stages.alone = stage(STUDENT, train=ce_rate)
+  config.stages.alone_dropout = stage(f'{STUDENT}_dropout50', train=ce_rate)
+  config.stages.clean = stage(STUDENT, 'noisy_l2', teacher='teacher', train=l2_rate)
   order += ['alone', 'alone_dropout', 'clean']
   for percent in DROPOUT_PERCENTS:  # dropout's rate, like the noise's α and σ, chosen on val.
     name = 'clean_dropout' + ('' if percent == 50 else str(percent))
-    config.stages[name] = with_rate(
-        stage(f'{STUDENT}_dropout{percent}', 'noisy_l2', teacher='teacher'), L2_RATE)
+    config.stages[name] = stage(f'{STUDENT}_dropout{percent}', 'noisy_l2', teacher='teacher',
+                                train=l2_rate)
     order.append(name)
   for prefix, noise_on in (('noisy', 'teacher'), ('student_noise', 'student')):
     for alpha in noisy_default.ALPHAS:
       for sigma in noisy_default.SIGMAS:
         name = grid_name(prefix, alpha, sigma)
-        config.stages[name] = with_rate(
-            stage(STUDENT, 'noisy_l2', teacher='teacher', noise_alpha=alpha, noise_sigma=sigma,
-                  noise_on=noise_on), L2_RATE)
+        config.stages[name] = stage(STUDENT, 'noisy_l2', teacher='teacher', train=l2_rate,
+                                    noise_alpha=alpha, noise_sigma=sigma, noise_on=noise_on)
         order.append(name)
   config.stage_order = tuple(order)
   return config
@@ -134,25 +129,25 @@ def paper():
 
 def extra_markdown(rows):
   """The α × σ grids and the paper's relative-improvement figure, for the results page."""
-  import numpy as np  # only the report needs it.
+  import numpy as np  # only the report needs these.
+  from kdjax.report import format_table
   mean = lambda name, key='test': 100 * float(np.mean(rows[name][key]))
   lines = []
   for prefix, title in (('noisy', 'noise on the teacher'),
                         ('student_noise', 'noise on the student')):
     lines += ['', f'Test accuracy (%) by α (rows) and σ (columns), {title}; validation in '
-              'brackets (mean over seeds, last epoch):', '',
-              '| α \\ σ | ' + ' | '.join(str(s) for s in noisy_default.SIGMAS) + ' |',
-              '|---|' + '---|' * len(noisy_default.SIGMAS)]
+              'brackets (mean over seeds, last epoch):', '']
+    table = [['α \\ σ', *(str(s) for s in noisy_default.SIGMAS)]]
     for alpha in noisy_default.ALPHAS:
       names = [grid_name(prefix, alpha, s) for s in noisy_default.SIGMAS]
-      cells = [f"{mean(n):.2f} ({mean(n, 'val'):.2f})" for n in names]
-      lines.append(f'| {alpha} | ' + ' | '.join(cells) + ' |')
+      table.append([str(alpha), *(f"{mean(n):.2f} ({mean(n, 'val'):.2f})" for n in names)])
+    lines.append(format_table(table))
   rates = [('alone', rate_name('alone', r)) for r in CE_RATES] + [
       ('clean (L2)', rate_name('clean', r)) for r in L2_RATES]
   lines += ['', 'The learning-rate sweep (validation picks the rate; mean over seeds):', '',
-            '| objective | stage | val (%) | test (%) |', '|---|---|---|---|']
-  lines += [f"| {what} | {name} | {mean(name, 'val'):.2f} | {mean(name):.2f} |"
-            for what, name in rates]
+            format_table([['objective', 'stage', 'val (%)', 'test (%)'],
+                          *([what, name, f"{mean(name, 'val'):.2f}", f'{mean(name):.2f}']
+                            for what, name in rates)])]
   grid = [grid_name('noisy', a, s) for a in noisy_default.ALPHAS for s in noisy_default.SIGMAS]
   chosen = max(grid, key=lambda n: np.mean(rows[n]['val']))
   test_best = max(grid, key=lambda n: np.mean(rows[n]['test']))

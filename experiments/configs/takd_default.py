@@ -9,14 +9,18 @@ the 8- and 10-layer nets have four max-pools, too many for 8×8 images). Run wit
 import ml_collections
 
 
-def stage(model, loss='ce', teacher='', num_replicas=0, **kd_overrides):
-  """One stage: train `model` with `loss`, distilling from the stage named `teacher` if any."""
+def stage(model, loss='ce', teacher='', num_replicas=0, train=None, **kd_overrides):
+  """One stage: train `model` with `loss`, distilling from the stage named `teacher` if any.
+
+  `train`: per-stage overrides of `config.train` (e.g. `{'epochs': 5}`); `kd_overrides`: of
+  `config.kd`.
+  """
   s = ml_collections.ConfigDict()
   s.model = model
   s.loss = loss          # 'ce' (no teacher), 'kd' (Hinton KD, TAKD Eq. 2) or 'noisy_l2'.
   s.teacher = teacher    # name of an earlier stage; '' for none.
   s.num_replicas = num_replicas  # models trained at once; 0: config.num_replicas.
-  s.train = ml_collections.ConfigDict()  # per-stage overrides of config.train (e.g. epochs).
+  s.train = ml_collections.ConfigDict(train or {})
   s.kd = ml_collections.ConfigDict(kd_overrides)  # per-stage overrides of config.kd.
   return s
 
