@@ -77,7 +77,9 @@ def stage_rows(workdir: str, run: dict) -> Dict[str, dict]:
     val = np.array([np.atleast_1d(m['val_accuracy']) for m in history], np.float64)
     seeds = (result['replicas'] or {}).get('seeds') or [run.get('seed', 0)]
     base = {'model': result['model'], 'teacher': result['teacher'], 'loss': result['loss'],
-            'seeds': seeds, 'epochs': len(history), 'wall_s': result['wall_s']}
+            'seeds': seeds, 'epochs': len(history), 'wall_s': result['wall_s'],
+            # The last epoch's running mean over its (augmented) training batches, all replicas.
+            'train_accuracy': float(np.mean(history[-1]['train_accuracy']))}
     rows[name] = {'name': name, **base, **_accuracies(val, test)}
     if 'test_accuracy_exits' in history[-1]:  # `[replicas, E]` (or `[E]`) per epoch.
       exits_of = lambda key: np.array([np.reshape(m[key], (-1, np.shape(m[key])[-1]))
