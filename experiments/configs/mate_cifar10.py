@@ -1,4 +1,4 @@
-"""MATE vs BYOT vs exit-ensemble vs no distillation on CIFAR-10, multi-exit ResNet-20.
+r"""MATE vs BYOT vs exit-ensemble vs no distillation on CIFAR-10, multi-exit ResNet-20.
 
   python -m kdjax.main --config=experiments/configs/mate_cifar10.py --workdir=runs/mate_cifar \
       --config.data.npz=/path/to/cifar10.npz

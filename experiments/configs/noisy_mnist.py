@@ -1,4 +1,4 @@
-"""Noisy teachers on MNIST: a LeNet-5 teacher and a one-hidden-layer MLP student (100 units).
+r"""Noisy teachers on MNIST: a LeNet-5 teacher and a one-hidden-layer MLP student (100 units).
 
 The paper's MNIST pairing is "a LeNet-style teacher and a small MLP student"; the exact
 architectures are not reachable here, so these are the conventional ones (see kdjax/models/small.py).

@@ -1,4 +1,4 @@
-"""Reproduction (issue 7) of tolerant teachers in generations, CIFAR-10 (JPEG copy), ResNet-8.
+r"""Reproduction (issue 7) of tolerant teachers in generations, CIFAR-10 (JPEG copy), ResNet-8.
 
 Yang et al. 2019 ("Training deep neural networks in generations: a more tolerant teacher educates
 better students", arXiv 1805.05551), written D(η, λ): the patriarch learns η·CE + (1 − η)·TSD,

@@ -1,4 +1,4 @@
-"""Reproduction (issue 7) of MATE's per-exit claim, CIFAR-10 (JPEG copy), multi-exit ResNet-8.
+r"""Reproduction (issue 7) of MATE's per-exit claim, CIFAR-10 (JPEG copy), multi-exit ResNet-8.
 
 Sun et al. 2024 (MATE, FITEE): every exit of a multi-exit network learns mainly from its own
 trainable ensemble teacher. Four ways to train the same network, each 3 times (seeds 0–2, paired):

@@ -1,4 +1,4 @@
-"""Reproduction (issue 7) of the noisy-teacher claim on MNIST, with the baselines it is tested on.
+r"""Reproduction (issue 7) of the noisy-teacher claim on MNIST, with the baselines it is tested on.
 
 Sau & Balasubramanian 2016 (arXiv 1610.09650): a student regressing its teacher's logits learns
 better when those logits are perturbed, `z′ = (1 + ξ)·z` with probability α per example,

@@ -1,4 +1,4 @@
-"""Reproduction (issue 7) of TAKD's plain-CNN CIFAR-10 claims, scaled to 2 CPU cores.
+r"""Reproduction (issue 7) of TAKD's plain-CNN CIFAR-10 claims, scaled to 2 CPU cores.
 
 Mirzadeh et al. 2020, Table 1 / Fig. 3: teacher plain CNN-10, student CNN-2, assistants 8, 6, 4.
 Stages: the teacher; each assistant distilled from the teacher; the student trained alone (NOKD),

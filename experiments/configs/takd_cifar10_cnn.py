@@ -1,4 +1,4 @@
-"""TAKD, CIFAR-10, plain CNNs (Mirzadeh et al. 2020, Table 1): teacher 10 → assistant 4 → student 2.
+r"""TAKD, CIFAR-10, plain CNNs (Mirzadeh et al. 2020, Table 1): teacher 10 → assistant 4 → student 2.
 
 Stages: the teacher and assistant, then the three students the paper compares: NOKD (no
 teacher), BLKD (teacher → student) and TAKD (teacher → assistant → student).

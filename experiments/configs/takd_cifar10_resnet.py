@@ -1,4 +1,4 @@
-"""TAKD, CIFAR-10, ResNets (Mirzadeh et al. 2020, Table 1): ResNet-110 → ResNet-20 → ResNet-8.
+r"""TAKD, CIFAR-10, ResNets (Mirzadeh et al. 2020, Table 1): ResNet-110 → ResNet-20 → ResNet-8.
 
   python -m kdjax.main --config=experiments/configs/takd_cifar10_resnet.py --workdir=runs/resnet \
       --config.data.npz=/path/to/cifar10.npz
