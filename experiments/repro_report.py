@@ -73,8 +73,8 @@ def stage_rows(workdir: str, run: dict) -> Dict[str, dict]:
   for result in run['stages']:
     name = result['name']
     history = experiment.read_metrics(os.path.join(workdir, 'stages', name, 'metrics.jsonl'))
-    test = np.array([np.atleast_1d(m['test_accuracy']) for m in history], np.float64)
-    val = np.array([np.atleast_1d(m['val_accuracy']) for m in history], np.float64)
+    test = run_report.history_array(history, 'test_accuracy')
+    val = run_report.history_array(history, 'val_accuracy')
     seeds = (result['replicas'] or {}).get('seeds') or [run.get('seed', 0)]
     base = {'model': result['model'], 'teacher': result['teacher'], 'loss': result['loss'],
             'seeds': seeds, 'epochs': len(history), 'wall_s': result['wall_s'],

@@ -485,8 +485,8 @@ def accuracy_at_best_validation(val: np.ndarray, test: np.ndarray):
 
 def _select_on_validation(history: List[dict]):
   """(epoch(s) of best validation accuracy, mean test accuracy at them), per replica."""
-  val = np.array([np.atleast_1d(m['val_accuracy']) for m in history])    # [epochs, replicas]
-  test = np.array([np.atleast_1d(m['test_accuracy']) for m in history])
+  val = report.history_array(history, 'val_accuracy')
+  test = report.history_array(history, 'test_accuracy')
   best, selected_test = accuracy_at_best_validation(val, test)
   epochs = [int(history[i]['epoch']) for i in best]
   return (epochs if val.shape[1] > 1 else epochs[0]), float(np.mean(selected_test))

@@ -102,12 +102,17 @@ def write(workdir: str, dataset, rows: List[dict], histories: Dict[str, List[dic
   print('\n' + table)
 
 
+def history_array(history: List[dict], key: str) -> np.ndarray:
+  """One metric over a stage's epochs as `[epochs, replicas]` (one column without replicas)."""
+  return np.array([np.atleast_1d(m[key]) for m in history], np.float64)
+
+
 def plot_test_accuracy(histories: Dict[str, List[dict]], path: str) -> None:
   """Test accuracy per epoch; for replicas, the mean with a band of ± one standard deviation."""
   def draw(ax):
     for name, history in histories.items():
       epochs = [m['epoch'] for m in history]
-      accuracy = 100 * np.array([np.atleast_1d(m['test_accuracy']) for m in history])
+      accuracy = 100 * history_array(history, 'test_accuracy')
       lines = ax.plot(epochs, accuracy.mean(axis=1), marker='.', label=name)
       if accuracy.shape[1] > 1:
         spread = accuracy.std(axis=1, ddof=1)
