@@ -131,3 +131,19 @@ def test_reproduction_configs_follow_the_protocol(name):
   assert claimed <= set(order), claimed - set(order)
   for stage in claimed:  # every compared row has seeds to pair.
     assert replicas[stage] >= 3, stage
+
+
+def test_generations_reproduction_tabulates_each_lineage_by_generation():
+  module = importlib.import_module('experiments.configs.repro_generations_cifar10')
+  names = experiment.stage_order(module.get_config())
+  # Stage i's three lineages score i/100, i/100 + 0.01, i/100 + 0.02: mean i + 1, std 1 (points).
+  rows = {name: {'test': [i / 100, i / 100 + 0.01, i / 100 + 0.02], 'train_accuracy': 0.5}
+          for i, name in enumerate(names)}
+  cell = lambda name: f'{names.index(name) + 1:.2f} ± 1.00'
+  lines = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]]
+           for line in module.extra_markdown(rows).splitlines() if line.startswith('| D(')}
+  assert lines == {
+      'D(1.0, 0.0): from scratch': [cell('strict_g0'), cell('baseline_g1'), cell('baseline_g2')],
+      'D(1.0, 0.5): born-again': [cell('strict_g0'), cell('born_again_g1'),
+                                  cell('born_again_g2')],
+      'D(0.6, 0.6): tolerant': [cell('tolerant_g0'), cell('tolerant_g1'), cell('tolerant_g2')]}
