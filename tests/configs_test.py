@@ -147,3 +147,23 @@ def test_generations_reproduction_tabulates_each_lineage_by_generation():
       'D(1.0, 0.5): born-again': [cell('strict_g0'), cell('born_again_g1'),
                                   cell('born_again_g2')],
       'D(0.6, 0.6): tolerant': [cell('tolerant_g0'), cell('tolerant_g1'), cell('tolerant_g2')]}
+
+
+def test_takd_reproduction_tabulates_the_student_by_its_teacher():
+  module = importlib.import_module('experiments.configs.repro_takd_cifar10_cnn')
+  names = experiment.stage_order(module.get_config())
+  # Stage i scores i/100 (points i) on each of its seeds; BLKD's seeds differ by ±1 point.
+  rows = {name: {'test': [names.index(name) / 100] * 3} for name in names}
+  rows['blkd'] = {'test': [names.index('blkd') / 100 + d for d in (-0.01, 0.0, 0.01)]}
+  lines = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]]
+           for line in module.extra_markdown(rows).splitlines()[2:] if line.startswith('| ')}
+  points = lambda name: names.index(name)
+  blkd = points('blkd')
+  assert lines['nothing (NOKD)'] == ['—', f"{points('nokd'):.2f} ± 0.00",
+                                     f"{points('nokd') - blkd:+.2f}"]
+  assert lines['CNN-10 teacher (BLKD)'] == [f"{points('teacher'):.2f}", f'{blkd:.2f} ± 1.00',
+                                            '+0.00']
+  assert lines['TA CNN-6'] == [f"{points('ta6'):.2f}", f"{points('takd_via_ta6'):.2f} ± 0.00",
+                               f"{points('takd_via_ta6') - blkd:+.2f}"]
+  assert lines['CNN-4 at the end of 10 → 8 → 6 → 4'][:2] == [f"{points('path_4'):.2f}",
+                                                             f"{points('path_2'):.2f} ± 0.00"]
