@@ -140,13 +140,6 @@ def evaluate_claims(claims, rows: Dict[str, dict]) -> List[dict]:
   return out
 
 
-def _pct(values) -> str:
-  values = 100 * np.asarray(values, np.float64)
-  if len(values) == 1:
-    return f'{values[0]:.2f}'
-  return f'{values.mean():.2f} ± {values.std(ddof=1):.2f}'
-
-
 def _verdict_words(comparison) -> str:
   if comparison['verdict'] != WITHIN:
     return comparison['verdict']
@@ -171,6 +164,7 @@ def _fence_indented(text: str) -> str:
 def render_markdown(report: dict) -> str:
   rows, claims = report['rows'], report['claims']
   paper_rows = report['paper']['rows']
+  pct = run_report.percent_mean_std
   lines = [f"# {report['title']}", '', _fence_indented(report['setup'].strip()), '',
            f"Paper: {report['paper']['source']}.", '',
            '## Results', '',
@@ -182,7 +176,7 @@ def render_markdown(report: dict) -> str:
     if not row.get('exit_of') and not row.get('derived'):
       paper = paper_rows.get(row['name'])
       table.append([row['name'], row['model'], row['teacher'] or '—', str(len(row['seeds'])),
-                    _pct(row['test']), _pct(row['test_at_best_val']),
+                    pct(row['test']), pct(row['test_at_best_val']),
                     '' if paper is None else f'{paper:.2f}'])
   lines.append(run_report.format_table(table))
   exits = {}
@@ -195,7 +189,7 @@ def render_markdown(report: dict) -> str:
               '(test @ best val in brackets):', '']
     table = [['stage', *(f'exit {i + 1}' for i in range(n_exits))]]
     for stage, exit_rows in exits.items():
-      table.append([stage, *(f"{_pct(r['test'])} ({_pct(r['test_at_best_val'])})"
+      table.append([stage, *(f"{pct(r['test'])} ({pct(r['test_at_best_val'])})"
                              for r in exit_rows)])
     lines.append(run_report.format_table(table))
   lines += ['', '## Claims', '',

@@ -102,6 +102,14 @@ def write(workdir: str, dataset, rows: List[dict], histories: Dict[str, List[dic
   print('\n' + table)
 
 
+def percent_mean_std(values) -> str:
+  """Accuracies (fractions) over seeds as `68.19 ± 0.43` (%, sample std); one value alone."""
+  values = 100 * np.asarray(values, np.float64)
+  if len(values) == 1:
+    return f'{values[0]:.2f}'
+  return f'{values.mean():.2f} ± {values.std(ddof=1):.2f}'
+
+
 def history_array(history: List[dict], key: str) -> np.ndarray:
   """One metric over a stage's epochs as `[epochs, replicas]` (one column without replicas)."""
   return np.array([np.atleast_1d(m[key]) for m in history], np.float64)

@@ -69,12 +69,11 @@ def paper():
 def extra_markdown(rows):
   """Each D(η, λ) lineage's test accuracy generation by generation, and how far training got."""
   import numpy as np  # only the report needs these.
-  from kdjax.report import format_table
+  from kdjax.report import format_table, percent_mean_std
   lineages = {'D(1.0, 0.0): from scratch': ['strict_g0', 'baseline'],
               'D(1.0, 0.5): born-again': ['strict_g0', 'born_again'],
               'D(0.6, 0.6): tolerant': ['tolerant_g0', 'tolerant']}
-  cell = lambda name: (f"{100 * np.mean(rows[name]['test']):.2f} ± "
-                       f"{100 * np.std(rows[name]['test'], ddof=1):.2f}")
+  cell = lambda name: percent_mean_std(rows[name]['test'])
   table = [['lineage', *(f'generation {g}' for g in range(GENERATIONS + 1))]]
   for label, (patriarch, run) in lineages.items():
     table.append([label, cell(patriarch),

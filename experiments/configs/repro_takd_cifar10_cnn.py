@@ -78,7 +78,7 @@ def paper():
 def extra_markdown(rows):
   """The CNN-2 student by what it learned from: the paper's Fig. 3 view (student vs TA size)."""
   import numpy as np  # only the report needs these.
-  from kdjax.report import format_table
+  from kdjax.report import format_table, percent_mean_std
   pct = lambda name: 100 * np.mean(rows[name]['test'])
   sources = [('nothing (NOKD)', None, 'nokd'), ('CNN-10 teacher (BLKD)', 'teacher', 'blkd'),
              *((f'TA CNN-{d}', f'ta{d}', f'takd_via_ta{d}') for d in (8, 6, 4)),
@@ -86,7 +86,7 @@ def extra_markdown(rows):
   table = [['CNN-2 learns from', "its teacher's test (%)", 'CNN-2 test (%)', 'CNN-2 − BLKD']]
   for label, teacher, student in sources:
     table.append([label, '—' if teacher is None else f'{pct(teacher):.2f}',
-                  f"{pct(student):.2f} ± {100 * np.std(rows[student]['test'], ddof=1):.2f}",
+                  percent_mean_std(rows[student]['test']),
                   f"{100 * np.mean(np.subtract(rows[student]['test'], rows['blkd']['test'])):+.2f}"])
   return '\n'.join([
       'The CNN-2 student by what it learned from (last epoch; teachers and assistants trained '
