@@ -133,6 +133,12 @@ def test_reproduction_configs_follow_the_protocol(name):
     assert replicas[stage] >= 3, stage
 
 
+def _table_cells(markdown, prefix):
+  """A Markdown table's rows that start with `prefix`, as {first cell: the other cells}."""
+  return {line.split('|')[1].strip(): [cell.strip() for cell in line.split('|')[2:-1]]
+          for line in markdown.splitlines() if line.startswith(prefix)}
+
+
 def test_generations_reproduction_tabulates_each_lineage_by_generation():
   module = importlib.import_module('experiments.configs.repro_generations_cifar10')
   names = experiment.stage_order(module.get_config())
@@ -140,8 +146,7 @@ def test_generations_reproduction_tabulates_each_lineage_by_generation():
   rows = {name: {'test': [i / 100, i / 100 + 0.01, i / 100 + 0.02], 'train_accuracy': 0.5}
           for i, name in enumerate(names)}
   cell = lambda name: f'{names.index(name) + 1:.2f} ± 1.00'
-  lines = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]]
-           for line in module.extra_markdown(rows).splitlines() if line.startswith('| D(')}
+  lines = _table_cells(module.extra_markdown(rows), '| D(')
   assert lines == {
       'D(1.0, 0.0): from scratch': [cell('strict_g0'), cell('baseline_g1'), cell('baseline_g2')],
       'D(1.0, 0.5): born-again': [cell('strict_g0'), cell('born_again_g1'),
@@ -155,8 +160,7 @@ def test_takd_reproduction_tabulates_the_student_by_its_teacher():
   # Stage i scores i/100 (points i) on each of its seeds; BLKD's seeds differ by ±1 point.
   rows = {name: {'test': [names.index(name) / 100] * 3} for name in names}
   rows['blkd'] = {'test': [names.index('blkd') / 100 + d for d in (-0.01, 0.0, 0.01)]}
-  lines = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]]
-           for line in module.extra_markdown(rows).splitlines()[2:] if line.startswith('| ')}
+  lines = _table_cells(module.extra_markdown(rows), '| ')
   points = lambda name: names.index(name)
   blkd = points('blkd')
   assert lines['nothing (NOKD)'] == ['—', f"{points('nokd'):.2f} ± 0.00",

@@ -68,8 +68,7 @@ def paper():
 
 def extra_markdown(rows):
   """Each D(η, λ) lineage's test accuracy generation by generation, and how far training got."""
-  import numpy as np  # only the report needs these.
-  from kdjax.report import format_table, percent_mean_std
+  from kdjax.report import fit_summary, format_table, percent_mean_std  # only the report needs it.
   lineages = {'D(1.0, 0.0): from scratch': ['strict_g0', 'baseline'],
               'D(1.0, 0.5): born-again': ['strict_g0', 'born_again'],
               'D(0.6, 0.6): tolerant': ['tolerant_g0', 'tolerant']}
@@ -78,9 +77,7 @@ def extra_markdown(rows):
   for label, (patriarch, run) in lineages.items():
     table.append([label, cell(patriarch),
                   *(cell(f'{run}_g{g}') for g in range(1, GENERATIONS + 1))])
-  fit = ', '.join(f"{name} {100 * rows[name]['train_accuracy']:.1f} % train / "
-                  f"{100 * np.mean(rows[name]['test']):.1f} % test"
-                  for name in ('strict_g0', 'tolerant_g0', f'tolerant_g{GENERATIONS}'))
+  fit = fit_summary(rows, ('strict_g0', 'tolerant_g0', f'tolerant_g{GENERATIONS}'))
   return '\n'.join([
       'Test accuracy (%) after the last epoch, mean ± std over the lineages (seeds), generation '
       'by generation (generation 0 is the patriarch; the first two lineages share it):', '',

@@ -59,16 +59,14 @@ def paper():
 def extra_markdown(rows):
   """Each method's gain over no distillation at every exit, and how far training got."""
   import numpy as np  # only the report needs these.
-  from kdjax.report import format_table
+  from kdjax.report import fit_summary, format_table
   methods = ('byot', 'exit_ensemble', 'mate')
   num_exits = max(row.get('exit', 0) for row in rows.values())
   gain = lambda method, i: 100 * np.mean(np.subtract(rows[f'{method}@exit{i}']['test'],
                                                      rows[f'exits_ce@exit{i}']['test']))
   table = [['method', *(f'exit {i}' for i in range(1, num_exits + 1))]]
   table += [[m, *(f'{gain(m, i):+.2f}' for i in range(1, num_exits + 1))] for m in methods]
-  fit = ', '.join(f"{name} {100 * rows[name]['train_accuracy']:.1f} % train / "
-                  f"{100 * np.mean(rows[name]['test']):.1f} % test"
-                  for name in ('exits_ce', *methods))
+  fit = fit_summary(rows, ('exits_ce', *methods))
   return '\n'.join([
       'Gain over no distillation (`exits_ce`) at each exit, test accuracy points after the last '
       'epoch (mean of the paired differences over seeds):', '', format_table(table), '',
