@@ -4,12 +4,14 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
 from conftest import REPO, cli_command, finished_run, folder_digest, run_cli, write_npz
+from kdjax.main import malloc_huge_pages_env
 
 TINY = 'tests/configs/tiny_chain.py'
 
@@ -179,6 +181,35 @@ def test_missing_config_file_is_refused(cli_env, tmp_path):
   done = run_cli(cli_env, tmp_path / 'run', 'experiments/configs/no_such_config.py')
   assert done.returncode == 2
   assert 'cannot load --config' in done.stderr and 'Traceback' not in done.stderr
+
+
+def test_malloc_huge_pages_env():
+  tunable = 'glibc.malloc.hugetlb=1'
+  assert malloc_huge_pages_env({'A': '1'}, 'linux') == {'A': '1', 'GLIBC_TUNABLES': tunable}
+  assert malloc_huge_pages_env({'GLIBC_TUNABLES': 'glibc.malloc.check=0'}, 'linux') == {
+      'GLIBC_TUNABLES': 'glibc.malloc.check=0:' + tunable}  # the user's tunables are kept.
+  assert malloc_huge_pages_env({'GLIBC_TUNABLES': tunable}, 'linux') is None  # restarts once.
+  assert malloc_huge_pages_env({'KDJAX_MALLOC_HUGE_PAGES': '0'}, 'linux') is None
+  assert malloc_huge_pages_env({}, 'darwin') is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='a glibc tunable: Linux only')
+@pytest.mark.parametrize('opt_out', [False, True])
+def test_the_command_runs_with_malloc_huge_pages(cli_env, tmp_path, opt_out):
+  config = tmp_path / 'print_environment.py'  # loaded after the restart: it sees the final env.
+  config.write_text('import os, sys\n'
+                    'def get_config():\n'
+                    '  print("GLIBC_TUNABLES=" + os.environ.get("GLIBC_TUNABLES", ""))\n'
+                    '  sys.exit(0)\n')
+  env = {key: value for key, value in cli_env.items()
+         if key not in ('GLIBC_TUNABLES', 'KDJAX_MALLOC_HUGE_PAGES')}
+  if opt_out:
+    env['KDJAX_MALLOC_HUGE_PAGES'] = '0'
+  done = subprocess.run(cli_command(tmp_path / 'run', str(config)), env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  expected = '' if opt_out else 'glibc.malloc.hugetlb=1'
+  assert f'GLIBC_TUNABLES={expected}\n' in done.stdout
 
 
 def test_multi_exit_stages_report_every_exit(cli_env, tmp_path):
