@@ -58,8 +58,8 @@ def malloc_huge_pages_env(environ, platform=sys.platform):
   """The environment to restart with so that glibc's malloc uses transparent huge pages, or None.
 
   XLA's CPU backend mallocs each step's large temporaries afresh, and without huge pages every
-  4 KiB page of them is faulted in again on every step. With them a ResNet-8 step of three
-  students ran 0.65 s instead of 0.77 s (the CIFAR-10 generations reproduction, 2 cores);
+  4 KiB page of them is faulted in again on every step. With them a step of three ResNet-8
+  students took 0.71 s instead of 0.85 s on 2 cores (`experiments/bench/huge_pages.sh`);
   `experiments/bench/README.md` has the per-op measurement. glibc reads `GLIBC_TUNABLES` once at
   start, hence a restart rather than a setting. Nothing changes numerically. None when not on
   Linux, when the tunable is already set, or when `KDJAX_MALLOC_HUGE_PAGES=0`.
