@@ -193,6 +193,21 @@ def test_malloc_huge_pages_env():
   assert malloc_huge_pages_env({}, 'darwin') is None
 
 
+def test_the_command_restarts_before_importing_jax():
+  # The restart would import jax a second time (about a second) if `kdjax` loaded it eagerly.
+  code = ('import sys, kdjax, kdjax.main\n'
+          'print(sorted(m for m in ("jax", "flax", "optax") if m in sys.modules))\n'
+          'print(kdjax.losses.__name__, kdjax.models.__name__, kdjax.KdjaxError.__name__)\n'
+          'print("jax" in sys.modules)\n')
+  done = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.splitlines() == ['[]', 'kdjax.losses kdjax.models KdjaxError', 'True']
+  with pytest.raises(AttributeError, match="no attribute 'lossess'"):
+    import kdjax
+    kdjax.lossess
+
+
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='a glibc tunable: Linux only')
 @pytest.mark.parametrize('opt_out', [False, True])
 def test_the_command_runs_with_malloc_huge_pages(cli_env, tmp_path, opt_out):

@@ -35,11 +35,6 @@ from typing import Callable, List, NamedTuple, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
-# Transparent huge pages for glibc's malloc. XLA and PyTorch allocate every large buffer with
-# malloc; without this, each step faults in every 4 KiB page of its fresh buffers again (see
-# README.md). Set before the process starts (glibc reads it once), hence the re-exec.
-TUNABLE = 'glibc.malloc.hugetlb=1'
-
 BATCH = 128
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -608,10 +603,15 @@ def main(argv=None):
     devices_worker(args)
     return
 
-  if not args.no_hugepages and TUNABLE not in os.environ.get('GLIBC_TUNABLES', ''):
-    env = dict(os.environ)
-    env['GLIBC_TUNABLES'] = ':'.join(filter(None, [env.get('GLIBC_TUNABLES'), TUNABLE]))
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+  if not args.no_hugepages:
+    # Transparent huge pages for glibc's malloc, as `python -m kdjax.main` does. XLA and PyTorch
+    # allocate every large buffer with malloc; without this, each step faults in every 4 KiB
+    # page of its fresh buffers again (see README.md). glibc reads the tunable once at start,
+    # hence the restart. kdjax.main imports only absl here, not jax.
+    from kdjax.main import malloc_huge_pages_env
+    env = malloc_huge_pages_env(os.environ)
+    if env is not None:
+      os.execve(sys.executable, [sys.executable, *sys.argv], env)
   # First-call times are cold compilations: no inductor/FX cache from an earlier run (JAX's
   # persistent cache is off unless configured, and this script does not configure it).
   os.environ['TORCHINDUCTOR_FORCE_DISABLE_CACHES'] = '1'
