@@ -52,6 +52,9 @@ def learning_rate_schedule(train_config: ml_collections.ConfigDict, steps_per_ep
 
   * `'step'` (default; the TAKD paper's ResNet setting, He et al. 2016): `learning_rate`, times
     `lr_decay` at each fraction of training in `lr_boundaries` (0.5 and 0.75: 0.1 → 0.01 → 0.001).
+    Each fraction is rounded to a whole epoch (Python's `round`, as per-epoch schedulers such as
+    PyTorch's MultiStepLR count), and fractions that land on the same epoch each decay there:
+    3 epochs with (0.5, 0.75) give 0.1 for two epochs, then 0.001.
   * `'takd_official'`: what the official TAKD code actually runs. Its `adjust_learning_rate`
     compares `epoch < int(epoch / 2)`, which is never true, so ResNets train at 0.01 until 3/4 of
     the epochs and 0.001 after; plain CNNs train at a constant 0.01. `learning_rate` is ignored.
@@ -60,8 +63,10 @@ def learning_rate_schedule(train_config: ml_collections.ConfigDict, steps_per_ep
   total_steps = train_config.epochs * steps_per_epoch
   name = train_config.lr_schedule
   if name == 'step':
-    boundaries = {int(round(b * train_config.epochs)) * steps_per_epoch: train_config.lr_decay
-                  for b in train_config.lr_boundaries}
+    boundaries = {}
+    for b in train_config.lr_boundaries:  # a dict comprehension would drop a repeated epoch.
+      step = int(round(b * train_config.epochs)) * steps_per_epoch
+      boundaries[step] = boundaries.get(step, 1.0) * train_config.lr_decay
     return optax.piecewise_constant_schedule(train_config.learning_rate, boundaries)
   if name == 'takd_official':
     if model_name.startswith('resnet'):

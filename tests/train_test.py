@@ -43,6 +43,17 @@ def test_step_schedule_divides_by_ten_at_half_and_three_quarters():
   np.testing.assert_allclose(lrs, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
 
 
+@pytest.mark.parametrize('epochs, expected', [
+    (3, [0.1, 0.1, 0.001, 0.001]),  # 1.5 and 2.25 both round to epoch 2: both decays there.
+    (5, [0.1, 0.1, 0.01, 0.001]),   # round(2.5) = 2, round(3.75) = 4.
+])
+def test_step_schedule_rounds_boundaries_to_epochs_and_keeps_every_decay(epochs, expected):
+  schedule = train.learning_rate_schedule(train_config(epochs=epochs, learning_rate=0.1), 10,
+                                          'resnet8')
+  steps = (0, 19, 20, 10 * epochs - 1) if epochs == 3 else (0, 19, 20, 40)
+  np.testing.assert_allclose([float(schedule(s)) for s in steps], expected, rtol=1e-6)
+
+
 def test_takd_official_schedule_reproduces_the_code():
   config = train_config(epochs=8, learning_rate=0.1, lr_schedule='takd_official')
   resnet = train.learning_rate_schedule(config, 10, 'resnet8')
