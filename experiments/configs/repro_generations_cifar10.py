@@ -20,15 +20,15 @@ patriarch and every generation of it learns from lineage r's previous one, so ge
 seed. 5,000 training images are held out for validation; nothing is selected on the test set.
 
 What differs from the paper: it trains ResNets of 20+ layers on CIFAR-100 for the full He et al.
-schedule, over more generations; here up to three generations (the patriarch and two) of ResNet-8 on
-CIFAR-10 (the only CIFAR reachable), 3 epochs each with one step decay (0.1 for two epochs,
-then 0.01; He et al.'s decays at 1/2 and 3/4 of training cannot both fall on whole epochs of
-three), pad-4 crop + flip, SGD momentum 0.9 from 0.1, weight decay 1e-4, batch 128: 5 stages of
-3 epochs, 0.9 s a step for 3 students and 1.2 s with their 3 teachers on 2 cores (2026-11-24).
-3 epochs and 5 stages, not the 5 epochs and 8 stages first planned (2.4 CPU-hours then, more on
-a slower day), so that the whole run fits in one 3-hour working session: run folders do not
-survive from one session's checkout to the next. The paper's CIFAR-100 numbers are not comparable, so none are
-printed beside ours.
+schedule, over more generations; here up to three generations (the patriarch and two) of
+ResNet-8 on CIFAR-10 (the only CIFAR reachable), 3 epochs each with one step decay (0.1 for two
+epochs, then 0.01; He et al.'s decays at 1/2 and 3/4 of training cannot both fall on whole
+epochs of three), pad-4 crop + flip, SGD momentum 0.9 from 0.1, weight decay 1e-4, batch 128:
+5 stages of 3 epochs, 0.9 s a step for 3 students and 1.2 s with their 3 teachers on 2 cores
+(2026-11-24). 3 epochs and 5 stages, not the 5 epochs and 8 stages first planned (2.4
+CPU-hours then, more on a slower day), so that the whole run fits in one 3-hour working
+session: run folders do not survive from one session's checkout to the next. The paper's
+CIFAR-100 numbers are not comparable, so none are printed beside ours.
 
   python -m kdjax.main --config=experiments/configs/repro_generations_cifar10.py \
       --workdir=runs/repro_generations_cifar10 --config.data.npz=/tmp/cifar10.npz
