@@ -1,11 +1,13 @@
-"""Model zoo: names, output shapes, and parameter counts against published and hand-computed ones."""
+"""Model zoo: names, shapes, parameter counts against published and hand-computed ones; user models."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kdjax
 from kdjax import models
+from tests import user_models  # tests/ is a namespace package; conftest puts the repo on sys.path.
 
 
 def n_params(name, num_classes=10, image_shape=(32, 32, 3), **kwargs):
@@ -119,3 +121,117 @@ def test_dropout_mlp_is_the_mlp_in_eval_and_unbiased_in_training():
   assert np.mean(np.abs(draws[0] - eval_out)) > 1e-2
   spread = draws.std(axis=0) / np.sqrt(len(draws))
   assert np.all(np.abs(draws.mean(axis=0) - eval_out) < 5 * spread + 1e-6)
+
+
+def top_level_names(name, **kwargs):
+  variables = models.variable_shapes(models.get_model(name, 10, **kwargs), (8, 8, 3))
+  return {collection: sorted(tree) for collection, tree in variables.items()}
+
+
+def test_variable_names_are_those_of_existing_checkpoints():
+  # The stem and blocks take injected conv/norm; the trees must stay as saved checkpoints have
+  # them: CifarResNet's stem auto-named at top level, MultiExitResNet's named stem/stem_bn.
+  assert top_level_names('resnet8') == {
+      'params': ['BasicBlock_0', 'BasicBlock_1', 'BasicBlock_2', 'BatchNorm_0', 'Conv_0',
+                 'Dense_0'],
+      'batch_stats': ['BasicBlock_0', 'BasicBlock_1', 'BasicBlock_2', 'BatchNorm_0']}
+  block = models.variable_shapes(models.get_model('resnet8', 10, shortcut='projection'),
+                                 (8, 8, 3))['params']['BasicBlock_1']
+  assert sorted(block) == ['BatchNorm_0', 'BatchNorm_1', 'BatchNorm_2', 'Conv_0', 'Conv_1',
+                           'Conv_2']
+  assert block['Conv_2']['kernel'].shape == (1, 1, 16, 32)
+  multi = top_level_names('multi_exit_resnet8', conv='matmul_dw')['params']
+  assert multi == ['ensemble_weights', 'exit0', 'exit1', 'exit2', 'stage0_block0',
+                   'stage1_block0', 'stage2_block0', 'stem', 'stem_bn']
+  assert top_level_names('plain_cnn_2')['params'] == ['BatchNorm_0', 'BatchNorm_1', 'Conv_0',
+                                                      'Conv_1', 'Dense_0']
+
+
+USER_MODEL = 'tests.user_models:TinyNet'  # tests/ is a namespace package below the repo root.
+
+
+def test_import_path_builds_a_user_module_that_gives_logits():
+  model = models.get_model(USER_MODEL, 4, conv='xla', shortcut='zero_pad', dtype=np.float32)
+  assert isinstance(model, user_models.TinyNet) and model.num_classes == 4
+  variables = models.init_variables(model, (8, 8, 3), jax.random.key(0))
+  x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+  assert model.apply(variables, x, train=False).shape == (2, 4)
+  logits, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  assert logits.shape == (2, 4) and logits.dtype == np.float32
+  assert not np.allclose(updates['batch_stats']['BatchNorm_0']['mean'],
+                         variables['batch_stats']['BatchNorm_0']['mean'])
+  # A factory function is given only the options it takes (here none of dtype/conv/shortcut).
+  built = models.get_model('tests.user_models:no_dtype_net', 3, conv='matmul_dw',
+                           shortcut='projection', dtype=np.float32)
+  assert isinstance(built, user_models.NoDtypeNet) and built.num_classes == 3
+
+
+def test_register_model_then_get_it_by_name():
+  calls = []
+
+  def counting_factory(num_classes, dtype=np.float32):
+    calls.append(num_classes)
+    return user_models.TinyNet(num_classes=num_classes, dtype=dtype)
+
+  try:
+    models.register_model('tiny', user_models.NoDtypeNet)
+    models.register_model('tiny', counting_factory)  # again: replaces the first.
+    models.check_model_name('tiny')
+    assert calls == []  # checking a name builds nothing.
+    model = models.get_model('tiny', 3, dtype=jnp.bfloat16, conv='xla')
+    assert calls == [3] and isinstance(model, user_models.TinyNet)
+    assert model.dtype == jnp.bfloat16  # the factory takes dtype, not conv.
+    assert 'tiny' in models.MODELS
+    with pytest.raises(kdjax.KdjaxError, match="unknown model 'tin'.*resnet8.*tiny"):
+      models.check_model_name('tin')
+  finally:
+    models.MODELS.pop('tiny', None)
+  with pytest.raises(kdjax.KdjaxError, match="'resnet8': it is a built-in model"):
+    models.register_model('resnet8', user_models.TinyNet)
+  with pytest.raises(kdjax.KdjaxError, match="without ':'"):
+    models.register_model('my:net', user_models.TinyNet)
+  with pytest.raises(kdjax.KdjaxError, match='not a Flax Module class'):
+    models.register_model('three', 3)
+  assert 'resnet8' in models.MODELS and 'three' not in models.MODELS
+
+
+@pytest.mark.parametrize('name,message', [
+    ('no_such_pkg.nets:TinyNet',
+     r"model 'no_such_pkg.nets:TinyNet': cannot import module 'no_such_pkg.nets' "
+     r"\(No module named 'no_such_pkg'\); check .* PYTHONPATH"),
+    ('tests.user_models:Missing',
+     r"module 'tests.user_models' has no attribute 'Missing'.*its Flax modules: NoDtypeNet, "
+     'TinyNet'),
+    ('tests.user_models:NOT_A_MODEL', r'NOT_A_MODEL\' is a value of type int, not a Flax Module '
+     'class or a function'),
+    ('tests.user_models:nn', 'is a value of type module, not a Flax Module class'),
+    ('tests.user_models:', r"an import path is 'package.module:ClassName'"),
+    ('resnet9', r"^unknown model 'resnet9'; choose one of: plain_cnn_2, plain_cnn_4, .*resnet8, "
+     r".*mlp_2x1200_dropout50, or give an import path 'package.module:ClassName'\.$"),
+])
+def test_bad_model_names_say_what_is_wrong(name, message):
+  with pytest.raises(kdjax.KdjaxError, match=message):
+    models.check_model_name(name)
+  with pytest.raises(kdjax.KdjaxError, match=message):
+    models.get_model(name, 10)
+
+
+def test_a_model_without_dtype_cannot_be_a_bfloat16_teacher():
+  with pytest.raises(kdjax.KdjaxError, match='teacher dtype needs a `dtype` field'):
+    models.get_model('tests.user_models:NoDtypeNet', 10, dtype=jnp.bfloat16)
+  assert models.get_model('tests.user_models:NoDtypeNet', 10, dtype=np.float32).num_classes == 10
+  assert models.get_model(USER_MODEL, 10, dtype=jnp.bfloat16).dtype == jnp.bfloat16
+
+
+class ExitsNet(user_models.TinyNet):
+  multi_exit: bool = True  # a user's multi-exit model says so.
+
+
+def test_is_multi_exit_on_modules_and_names():
+  assert models.is_multi_exit(models.get_model('multi_exit_resnet8', 10))
+  assert models.is_multi_exit(ExitsNet(num_classes=10))
+  assert not models.is_multi_exit(ExitsNet(num_classes=10, multi_exit=False))
+  assert not models.is_multi_exit(models.get_model('resnet8', 10))
+  assert not models.is_multi_exit(models.get_model(USER_MODEL, 10))
+  assert models.is_multi_exit('multi_exit_resnet20')
+  assert not models.is_multi_exit('resnet20') and not models.is_multi_exit(USER_MODEL)

@@ -25,24 +25,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.models import resnet as _resnet
-from kdjax.models.conv import conv_class
+from kdjax.models.layers import ModuleDef, batch_norm, conv_bn_relu
 
 
 class ExitHead(nn.Module):
+  """Stride-2 conv + BN + ReLU layers down to the last stage's map, pooling, a dense layer."""
   downsamples: int
   width: int
   num_classes: int
+  conv: ModuleDef
+  norm: ModuleDef
   dtype: jnp.dtype = jnp.float32
-  conv: str = 'xla'
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x):
     for i in range(self.downsamples):
       features = self.width // 2**(self.downsamples - 1 - i)
-      x = conv_class(self.conv)(features, (3, 3), strides=(2, 2), padding=1, use_bias=False,
-                                kernel_init=_resnet._he_fan_out, dtype=self.dtype)(x)
-      x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                               dtype=self.dtype)(x))
+      x = conv_bn_relu(x, features, self.conv, self.norm, strides=2)
     return nn.Dense(self.num_classes, dtype=self.dtype)(jnp.mean(x, axis=(1, 2)))
 
 
@@ -63,21 +62,19 @@ class MultiExitResNet(nn.Module):
   def __call__(self, x, train: bool = False, last_exit: Optional[int] = None):
     num_exits = self.num_exits
     stop = num_exits - 1 if last_exit is None else last_exit
-    x = x.astype(self.dtype)
-    x = conv_class(self.conv)(self.stage_widths[0], (3, 3), padding=1, use_bias=False,
-                              kernel_init=_resnet._he_fan_out, dtype=self.dtype, name='stem')(x)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             dtype=self.dtype, name='stem_bn')(x))
+    conv, norm = _resnet.he_conv(self.conv, self.dtype), batch_norm(train, self.dtype)
+    x = conv_bn_relu(x.astype(self.dtype), self.stage_widths[0], conv, norm, conv_name='stem',
+                     norm_name='stem_bn')
     exits = []
     for stage, width in enumerate(self.stage_widths[:stop + 1]):
       for block in range(self.blocks_per_stage):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = _resnet.BasicBlock(width, strides, self.shortcut, self.dtype, self.conv,
-                               name=f'stage{stage}_block{block}')(x, train)
+        x = _resnet.BasicBlock(width, strides, self.shortcut, conv=conv, norm=norm,
+                               name=f'stage{stage}_block{block}')(x)
       if last_exit is None or stage == last_exit:
         head = ExitHead(num_exits - 1 - stage, self.stage_widths[-1], self.num_classes,
-                        self.dtype, self.conv, name=f'exit{stage}')
-        exits.append(head(x, train).astype(jnp.float32))
+                        conv=conv, norm=norm, dtype=self.dtype, name=f'exit{stage}')
+        exits.append(head(x).astype(jnp.float32))
     exit_logits = jnp.stack(exits)
     weights = self.param('ensemble_weights', lambda key: jnp.eye(num_exits, dtype=jnp.float32))
     if last_exit is not None:

@@ -6,6 +6,7 @@ two dense layers (ReLU between them). Widths follow the official repository's
 6-layer net that has no third max-pool. The CIFAR-100 widths are used when `num_classes > 10`.
 """
 
+import functools
 from typing import Sequence, Union
 
 import flax.linen as nn
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 
 from kdjax.errors import KdjaxError
 from kdjax.models.conv import conv_class
+from kdjax.models.layers import batch_norm, conv_bn_relu
 
 Layer = Union[int, str]  # an int is a conv width, 'M' a max-pool.
 
@@ -47,6 +49,9 @@ class PlainCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    conv = functools.partial(conv_class(self.conv), kernel_init=_torch_default_init,
+                             dtype=self.dtype)  # with a bias, as the official code has.
+    norm = batch_norm(train, self.dtype)
     x = x.astype(self.dtype)
     for layer in self.layers:
       if layer == 'M':
@@ -56,11 +61,7 @@ class PlainCNN(nn.Module):
               'max-pools; use larger images or a shallower plain CNN.')
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       else:
-        x = conv_class(self.conv)(layer, (3, 3), padding=1, kernel_init=_torch_default_init,
-                                  dtype=self.dtype)(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         dtype=self.dtype)(x)
-        x = nn.relu(x)
+        x = conv_bn_relu(x, layer, conv, norm)
     x = x.reshape((x.shape[0], -1))
     for width in self.hidden_widths:
       x = nn.relu(nn.Dense(width, kernel_init=_torch_default_init, dtype=self.dtype)(x))

@@ -8,15 +8,19 @@ The shortcut where the shape changes is a choice:
     channels, parameter-free. This gives the published counts (ResNet-20 0.27M, ResNet-110 1.7M).
   * `'projection'`: the official TAKD code (`resnet_cifar.py`), a 1×1 strided conv + BatchNorm
     (option B), which adds about 3k parameters.
-Conv kernels use He-normal with fan-out, as both the paper and the official code do.
+Conv kernels use He-normal with fan-out, as both the paper and the official code do. The
+network builds its `conv` and `norm` once and passes them to the stem (`conv_bn_relu`, shared
+with `kdjax.models.multi_exit`) and to every block.
 """
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from kdjax.models.conv import conv_class
+from kdjax.models.layers import ModuleDef, batch_norm, conv_bn_relu
 
 SHORTCUTS = ('zero_pad', 'projection')
 BLOCKS_PER_STAGE = {8: 1, 14: 2, 20: 3, 26: 4, 32: 5, 44: 7, 56: 9, 110: 18}
@@ -24,26 +28,28 @@ BLOCKS_PER_STAGE = {8: 1, 14: 2, 20: 3, 26: 4, 32: 5, 44: 7, 56: 9, 110: 18}
 _he_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
+def he_conv(conv: str, dtype) -> ModuleDef:
+  """The ResNets' convolution: no bias (BatchNorm follows), He-normal fan-out kernels."""
+  return functools.partial(conv_class(conv), use_bias=False, kernel_init=_he_fan_out, dtype=dtype)
+
+
 class BasicBlock(nn.Module):
+  """Two 3×3 conv + BN layers and a shortcut; `conv` and `norm` come from the network."""
   features: int
   strides: int
   shortcut: str
-  dtype: jnp.dtype
-  conv: str = 'xla'
+  conv: ModuleDef
+  norm: ModuleDef
 
   @nn.compact
-  def __call__(self, x, train: bool):
-    conv = lambda f, k, s: conv_class(self.conv)(f, (k, k), strides=(s, s), padding=k // 2,
-                                                 use_bias=False, kernel_init=_he_fan_out,
-                                                 dtype=self.dtype)
-    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                dtype=self.dtype)
-    y = nn.relu(norm()(conv(self.features, 3, self.strides)(x)))
-    y = norm()(conv(self.features, 3, 1)(y))
+  def __call__(self, x):
+    y = conv_bn_relu(x, self.features, self.conv, self.norm, self.strides)
+    y = self.norm()(self.conv(self.features, (3, 3), padding=1)(y))
     residual = x
     if self.strides != 1 or x.shape[-1] != self.features:
       if self.shortcut == 'projection':
-        residual = norm()(conv(self.features, 1, self.strides)(x))
+        strides = (self.strides, self.strides)
+        residual = self.norm()(self.conv(self.features, (1, 1), strides=strides, padding=0)(x))
       else:
         residual = x[:, ::self.strides, ::self.strides, :]
         extra = self.features - x.shape[-1]
@@ -62,15 +68,12 @@ class CifarResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = x.astype(self.dtype)
-    x = conv_class(self.conv)(self.stage_widths[0], (3, 3), padding=1, use_bias=False,
-                              kernel_init=_he_fan_out, dtype=self.dtype)(x)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             dtype=self.dtype)(x))
+    conv, norm = he_conv(self.conv, self.dtype), batch_norm(train, self.dtype)
+    x = conv_bn_relu(x.astype(self.dtype), self.stage_widths[0], conv, norm)  # the stem.
     for stage, width in enumerate(self.stage_widths):
       for block in range(self.blocks_per_stage):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(width, strides, self.shortcut, self.dtype, self.conv)(x, train)
+        x = BasicBlock(width, strides, self.shortcut, conv=conv, norm=norm)(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
     return x.astype(jnp.float32)
