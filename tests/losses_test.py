@@ -151,3 +151,31 @@ def test_properties_over_the_input_space(s, t, y, temperature):
   np.testing.assert_allclose(ce_only, np.mean(kdjax.losses.cross_entropy(s, y)), rtol=1e-6)
   np.testing.assert_allclose(kl_only, np_distillation(s, t, y, temperature, 1.0),
                              rtol=1e-4, atol=1e-4)
+
+
+def test_softened_kl_matches_numpy_per_example():
+  s, t, y = random_batch(11)
+  T = 3.0
+  p_t = np.exp(np_log_softmax(t.astype(np.float64) / T))
+  want = (p_t * (np.log(p_t) - np_log_softmax(s.astype(np.float64) / T))).sum(-1)
+  got = kdjax.losses.softened_kl(s, t, temperature=T)
+  assert got.shape == (len(y),)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(kdjax.KdjaxError, match='temperature'):
+    kdjax.losses.softened_kl(s, t, temperature=0.0)
+
+
+def test_per_example_helpers_average_to_the_scalar_losses():
+  # The per-example forms the stage losses use; their batch means are the scalar functions.
+  s, t, y = random_batch(12, classes=8)
+  L = kdjax.losses
+  np.testing.assert_allclose(np.mean(L.tolerant_cross_entropy(s, y, eta=0.6, k=3)),
+                             L.tolerant_teacher_loss(s, y, eta=0.6, k=3), rtol=1e-6)
+  np.testing.assert_allclose(np.mean(L.logit_l2_per_example(s, t)), L.logit_l2_loss(s, t),
+                             rtol=1e-6)
+  exits = np.stack([s, t, s - t])
+  mixing = L.primary_mixing(3, 0.5)
+  np.testing.assert_allclose(
+      np.mean(L.distill_exits_per_example(exits, exits[::-1], mixing, y, temperature=2.0,
+                                          kd_weight=0.4)),
+      L.distill_exits(exits, exits[::-1], mixing, y, temperature=2.0, kd_weight=0.4), rtol=1e-6)

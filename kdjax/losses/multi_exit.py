@@ -2,7 +2,8 @@
 
 All take `exit_logits` `[E, B, C]` (exits ordered shallow → deep) and return a scalar: the sum over
 exits of each exit's batch-mean loss (BYOT sums its exits' losses the same way). Teachers are
-`stop_gradient` wherever an exit learns from them.
+`stop_gradient` wherever an exit learns from them. `distill_exits_per_example` gives the sum per
+example, for callers that reduce over the batch themselves (`kdjax.stage_losses`).
 
 * `exits_cross_entropy` — no distillation: every exit learns from the labels only.
 * `byot_loss` — BYOT (Zhang et al., "Be Your Own Teacher", ICCV 2019): every exit learns from the
@@ -68,6 +69,30 @@ def distill_exits(exit_logits: chex.Array, teacher_logits: chex.Array, mixing: c
   per_exit = (1.0 - kd_weight) * _per_exit_ce(exit_logits, labels) + (
       kd_weight * temperature**2 * jnp.sum(mixing * kl, axis=-1))
   return jnp.sum(per_exit)
+
+
+def distill_exits_per_example(exit_logits: chex.Array, teacher_logits: chex.Array,
+                              mixing: chex.Array, labels: chex.Array, *, temperature: float,
+                              kd_weight: float) -> chex.Array:
+  """`distill_exits` per example: its batch mean is `distill_exits` (up to rounding).
+
+  Args: as `distill_exits`.
+
+  Returns:
+    `[B]`: `Σ_i [(1 − β)·CE_i + β·T²·Σ_k mixing[i, k]·KL(t_k ‖ z_i)]` for each example.
+  """
+  _check_exits(exit_logits, labels)
+  _check_exits(teacher_logits, labels, 'teacher_logits')
+  _check_hyperparameters(temperature, kd_weight)
+  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  ce = jax.vmap(lambda z: classification.cross_entropy(z, labels))(exit_logits)  # [E, B]
+  # kl[i, k, b] = KL(teacher k ‖ exit i) on example b, at temperature T.
+  kl = jax.vmap(lambda z: jax.vmap(lambda t: distillation._kl_per_example(
+      t / temperature, z / temperature))(teacher_logits))(exit_logits)
+  # A broadcast sum, not an einsum: a GPU's default matmul precision (TF32) would round `mixing`.
+  distill = jnp.sum(mixing[:, :, None] * kl, axis=1)  # [E, B]
+  per_exit = (1.0 - kd_weight) * ce + kd_weight * temperature**2 * distill
+  return jnp.sum(per_exit, axis=0)
 
 
 def exits_cross_entropy(exit_logits: chex.Array, labels: chex.Array) -> chex.Array:

@@ -54,11 +54,16 @@ def perturb_logits(key: jax.Array, logits: chex.Array, *, alpha: float,
   return noise_factors(key, logits, alpha=alpha, sigma=sigma) * logits
 
 
-def logit_l2_loss(student_logits: chex.Array, target_logits: chex.Array) -> chex.Array:
-  """`mean_B[0.5·Σ_c (z_s − z′)²]` → scalar; the target is `stop_gradient`."""
+def logit_l2_per_example(student_logits: chex.Array, target_logits: chex.Array) -> chex.Array:
+  """`½·Σ_c (z_s − z′)²` per example → `[B]`; the target is `stop_gradient`."""
   _checks.check_logits(student_logits, 'student_logits')
   _checks.check_logits(target_logits, 'target_logits')
   chex.assert_equal_shape((student_logits, target_logits),
                           custom_message='student_logits and target_logits must both be [B, C]')
   diff = student_logits - jax.lax.stop_gradient(target_logits)
-  return jnp.mean(0.5 * jnp.sum(diff**2, axis=-1))
+  return 0.5 * jnp.sum(diff**2, axis=-1)
+
+
+def logit_l2_loss(student_logits: chex.Array, target_logits: chex.Array) -> chex.Array:
+  """`mean_B[0.5·Σ_c (z_s − z′)²]` → scalar; the target is `stop_gradient`."""
+  return jnp.mean(logit_l2_per_example(student_logits, target_logits))

@@ -48,14 +48,25 @@ def top_score_difference(logits: chex.Array, labels: chex.Array, *, k: int = 5,
   return true_score - jnp.mean(secondary, axis=-1)
 
 
+def tolerant_cross_entropy(logits: chex.Array, labels: chex.Array, *, eta: float, k: int = 5,
+                           scores: str = 'softmax') -> chex.Array:
+  """The tolerant teacher's loss per example, `η·CE + (1 − η)·TSD` → `[B]`.
+
+  Yang et al. 2018 train the patriarch with this loss; `η = 1` is the ordinary (strict)
+  cross-entropy teacher and the paper's best is η ≈ 0.6. `k` and `scores` are those of
+  `top_score_difference`.
+  """
+  if _checks.is_concrete(eta) and not 0.0 <= eta <= 1.0:
+    raise KdjaxError(f'eta must lie in [0, 1], got {eta}; 1 is a strict (plain CE) teacher.')
+  ce = classification.cross_entropy(logits, labels)
+  tsd = top_score_difference(logits, labels, k=k, scores=scores)
+  return eta * ce + (1.0 - eta) * tsd
+
+
 def tolerant_teacher_loss(logits: chex.Array, labels: chex.Array, *, eta: float, k: int = 5,
                           scores: str = 'softmax') -> chex.Array:
   """The tolerant teacher's loss, `mean_B[η·CE + (1 − η)·TSD]` → scalar.
 
   `η = 1` is the ordinary (strict) cross-entropy teacher; the paper's best is η ≈ 0.6.
   """
-  if _checks.is_concrete(eta) and not 0.0 <= eta <= 1.0:
-    raise KdjaxError(f'eta must lie in [0, 1], got {eta}; 1 is a strict (plain CE) teacher.')
-  ce = classification.cross_entropy(logits, labels)
-  tsd = top_score_difference(logits, labels, k=k, scores=scores)
-  return jnp.mean(eta * ce + (1.0 - eta) * tsd)
+  return jnp.mean(tolerant_cross_entropy(logits, labels, eta=eta, k=k, scores=scores))
