@@ -1,13 +1,14 @@
 """Train state, optimiser, learning-rate schedules, and the jitted train and eval steps.
 
-`make_train_step` returns a pure function `(state, teacher_input, data, batch_indices, key)
+`make_train_step` returns a pure function `(state, teacher, data, batch_indices, key)
 → (state, metrics)`: the batch is gathered from the device-resident training set, augmented and
-normalised inside `jit`, the teacher (if any) runs in inference mode under `stop_gradient` (or its
-cached logits are gathered), and the student takes one SGD step. The state argument is donated.
+normalised inside `jit`, the teacher source (`kdjax.teachers`) gives its logits for the batch,
+and the student takes one SGD step on the stage loss's mean. The state argument is donated.
 The same step shards the batch over a device mesh (`kdjax.parallel`) and trains N stacked
 students at once (`num_replicas`).
 """
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
@@ -25,9 +26,6 @@ from kdjax.models.conv import CPU_COMPILER_OPTIONS
 from kdjax.errors import KdjaxError
 
 LR_SCHEDULES = ('step', 'cosine', 'constant', 'takd_official')
-MULTI_EXIT_LOSSES = ('exits_ce', 'byot', 'exit_ensemble', 'mate')
-STAGE_LOSSES = ('ce', 'kd', 'noisy_l2') + MULTI_EXIT_LOSSES
-LOSSES_WITH_TEACHER = ('kd', 'noisy_l2')
 REPLICA_BATCHING = ('auto', 'vmap', 'unroll')
 
 
@@ -98,61 +96,6 @@ def create_train_state(model: nn.Module, variables, tx: optax.GradientTransforma
                            batch_stats=variables.get('batch_stats', {}), tx=tx)
 
 
-def classification_loss(logits, labels, loss_config):
-  """`η·CE + (1 − η)·TSD` (Yang et al. 2018); plain cross-entropy when `η = 1`."""
-  if loss_config.eta == 1.0:
-    return jnp.mean(losses.cross_entropy(logits, labels))
-  return losses.tolerant_teacher_loss(logits, labels, eta=loss_config.eta, k=loss_config.tsd_k,
-                                      scores=loss_config.tsd_scores)
-
-
-def multi_exit_loss(exit_logits, ensemble_logits, labels, loss_config):
-  """Self-distillation of a multi-exit model; see `kdjax.losses.multi_exit`."""
-  name = loss_config.loss
-  if name == 'exits_ce':
-    return losses.exits_cross_entropy(exit_logits, labels)
-  hyper = dict(temperature=loss_config.temperature, kd_weight=loss_config.kd_weight)
-  if name == 'byot':
-    return losses.byot_loss(exit_logits, labels, **hyper)
-  if name == 'exit_ensemble':
-    return losses.exit_ensemble_loss(exit_logits, labels, **hyper)
-  return losses.mate_loss(exit_logits, ensemble_logits, labels,
-                          primary_weight=loss_config.primary_weight, **hyper)
-
-
-def stage_loss(student_logits, teacher_logits, labels, loss_config, noise_key):
-  """The stage's training loss (scalar), chosen by `loss_config.loss`.
-
-  * `'ce'`: the classification loss (tolerant if `eta < 1`: a tolerant patriarch).
-  * `'kd'`: `(1 − λ)·classification + λ·T²·KL(teacher ‖ student)` (TAKD Eq. 2; with T = 1 the
-    generations loss of Yang et al.). The classification term is tolerant if `eta < 1`.
-  * `'noisy_l2'`: `(1 − w)·½‖z_s − z′‖² + w·classification`, with `z′` the teacher logits
-    perturbed per example (Sau & Balasubramanian 2016) and `w = noise_ce_weight`. With
-    `noise_on = 'student'` the same noise multiplies the student's logits instead, against the
-    clean teacher: `½‖(1 + ξ)·z_s − z_t‖²`, the baseline the paper's claim is measured against.
-  """
-  if loss_config.loss == 'ce':
-    return classification_loss(student_logits, labels, loss_config)
-  if loss_config.loss == 'noisy_l2':
-    noise = dict(alpha=loss_config.noise_alpha, sigma=loss_config.noise_sigma)
-    if loss_config.noise_on == 'student':
-      noisy_student = losses.noise_factors(noise_key, student_logits, **noise) * student_logits
-      l2 = losses.logit_l2_loss(noisy_student, teacher_logits)
-    else:
-      l2 = losses.logit_l2_loss(student_logits,
-                                losses.perturb_logits(noise_key, teacher_logits, **noise))
-    weight = loss_config.noise_ce_weight
-    if weight == 0.0:
-      return l2
-    return (1.0 - weight) * l2 + weight * classification_loss(student_logits, labels, loss_config)
-  distill = losses.distillation_loss(student_logits, teacher_logits, labels,
-                                     temperature=loss_config.temperature, kd_weight=1.0,
-                                     kl_reduction=loss_config.kl_reduction)
-  weight = loss_config.kd_weight
-  return (1.0 - weight) * classification_loss(student_logits, labels, loss_config) + (
-      weight * distill)
-
-
 def jit(fn: Callable, compiler_options: Optional[dict] = None, **kwargs) -> Callable:
   """`jax.jit`, compiled with `CPU_COMPILER_OPTIONS` on the CPU backend unless `compiler_options`
   is given (`{}`: XLA's defaults).
@@ -199,29 +142,26 @@ def augments(augment_config: ml_collections.ConfigDict) -> bool:
   return bool(augment_config.enabled and (augment_config.crop_padding > 0 or augment_config.flip))
 
 
-def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
-                    loss_config: ml_collections.ConfigDict,
-                    augment_config: ml_collections.ConfigDict,
-                    normalization: Normalization, skip_nonfinite: bool = False, *,
-                    teacher_logits_cached: bool = False, num_replicas: int = 0,
+def make_train_step(student: nn.Module, loss: Callable,
+                    augment_config, normalization: Normalization, *,
+                    skip_nonfinite: bool = False, num_replicas: Optional[int] = None,
                     mesh: Optional[jax.sharding.Mesh] = None,
                     compiler_options: Optional[dict] = None,
-                    replica_batching: str = 'auto',
-                    teacher_per_replica: bool = False) -> Callable:
-  """Builds the jitted train step `(state, teacher_input, train_data, batch_indices, key)`.
+                    replica_batching: str = 'auto') -> Callable:
+  """Builds the jitted train step `(state, teacher, train_data, batch_indices, key)`.
 
   Args:
-    student, teacher: the modules; `teacher` is None for a stage without one.
+    student: the student module.
+    loss: a stage loss (`kdjax.stage_losses`): `loss(outputs, teacher_logits, labels, key)` gives
+      per-example values, reduced here by their mean (the one place losses are reduced).
+    augment_config: `enabled`, `crop_padding`, `flip` (a config block or `plan.Augment`).
     skip_nonfinite: a step whose loss or updated parameters are not finite leaves the parameters,
       statistics and optimiser state as they were (the step counter still advances) and reports
       `skipped = 1`; otherwise the caller stops on the first non-finite loss.
-    teacher_logits_cached: `teacher_input` is then the teacher's `[N, C]` float32 logits on the
-      un-augmented training set (`teacher_logits_table`), gathered by `batch_indices` instead of
-      recomputed; otherwise it is the teacher's variables and the teacher runs in the step.
-    num_replicas: 0 for one student. N ≥ 1: `state` holds N students stacked on a leading axis
-      and `key` is `[N]` keys. The students share each batch, its augmentation and one teacher
-      forward pass (only the student update is batched, see `replica_batching`); they differ in
-      their parameters and in the loss's own randomness (noise keys), drawn from their own keys.
+    num_replicas: None for one student. N >= 1: `state` holds N students stacked on a leading
+      axis and `key` is `[N]` keys. The students share each batch, its augmentation and the
+      teacher's forward pass (only the student update is batched, see `replica_batching`); they
+      differ in their parameters and in the loss's own randomness (noise keys).
     mesh: a `kdjax.parallel` mesh: the batch is split over its `data` axis and everything else
       replicated. None: no sharding annotations (one device).
     compiler_options: XLA options; None for kdjax's (see `jit`), `{}` for XLA's defaults.
@@ -230,74 +170,36 @@ def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
       TPUs run well. `'unroll'`: N copies of the single-student update in the one program (N×
       the compile time), each at single-student speed: XLA's CPU grouped convolutions are slow
       (8 ResNet-8 students: 263 images/s vmapped, 555 unrolled; `experiments/bench`). `'auto'`:
-      `'unroll'` on CPU, `'vmap'` elsewhere. Both share one teacher forward pass and give the
-      same students.
-    teacher_per_replica: with N replicas, replica r learns from teacher r: `teacher_input` holds
-      N teachers stacked (or an `[N, num_train, C]` logits table) and the step runs N teacher
-      forwards. Independent lineages, as generations of replicated teachers need; off, all N
-      students share one teacher and its one forward pass.
+      `'unroll'` on CPU, `'vmap'` elsewhere. Both give the same students.
 
-  Randomness is a function of (key, step): a resumed stage replays it exactly. The state argument
-  is donated.
+  The step's `teacher` argument is a teacher source (`kdjax.teachers`): `teacher.logits(images,
+  batch_indices)` gives the logits the loss learns from (None, one teacher's, several stacked,
+  or one per replica when `teacher.per_replica`). Randomness is a function of (key, step): a
+  resumed stage replays it exactly. The state argument is donated.
   """
-  loss_config = ml_collections.FrozenConfigDict(loss_config)
-  multi_exit = loss_config.loss in MULTI_EXIT_LOSSES
-  padding, flip = augment_config.crop_padding, augment_config.flip
   augment = augments(augment_config)
-  if teacher_logits_cached and augment:
-    raise KdjaxError('cached teacher logits are computed on un-augmented images; they cannot be '
-                     'used with augmentation on (the teacher must see each augmented batch).')
+  padding, flip = augment_config.crop_padding, augment_config.flip
   if replica_batching not in REPLICA_BATCHING:
     raise KdjaxError(f"unknown replica_batching '{replica_batching}'; choose one of: "
                      f"{', '.join(REPLICA_BATCHING)}.")
   batching = replica_batching
   if batching == 'auto':
     batching = 'unroll' if jax.default_backend() == 'cpu' else 'vmap'
-  shard_batch = (lambda x: x) if mesh is None else (
-      lambda x: jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh)))
-  shard_replica_batch = (lambda x: x) if mesh is None else (  # [N, B, ...]: split B.
-      lambda x: jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh, axis=1)))
-  per_replica = teacher_per_replica and teacher is not None
-  if per_replica and not num_replicas:
-    raise KdjaxError('teacher_per_replica needs num_replicas >= 1 (one teacher per student).')
+  stacked = num_replicas is not None
+  shard_batch = lambda x, axis=0: x if mesh is None else jax.lax.with_sharding_constraint(
+      x, parallel.batch_sharded(mesh, axis=axis))
 
-  def student_update(state: TrainState, images, labels, teacher_logits, noise_key):
-    def loss_fn(params):
-      # Dropout (where a model has it) draws from the replica's key, apart from the loss noise.
-      logits, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
-                                       images, train=True, mutable=['batch_stats'],
-                                       rngs={'dropout': jax.random.fold_in(noise_key, 1)})
-      if multi_exit:  # outputs are (exit_logits [E, B, C], ensemble-teacher logits [E, B, C]).
-        exit_logits, ensemble_logits = logits
-        loss = multi_exit_loss(exit_logits, ensemble_logits, labels, loss_config)
-        logits = exit_logits[-1]
-      else:
-        loss = stage_loss(logits, teacher_logits, labels, loss_config, noise_key)
-      return loss, (logits, updates)
+  student_update = functools.partial(_student_update, loss, skip_nonfinite)
 
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    new_state = state.apply_gradients(grads=grads,
-                                      batch_stats=updates.get('batch_stats', state.batch_stats))
-    finite = jnp.isfinite(loss) & _all_finite(new_state.params)
-    if skip_nonfinite:
-      keep_old = lambda new, old: jnp.where(finite, new, old)
-      new_state = new_state.replace(
-          params=jax.tree_util.tree_map(keep_old, new_state.params, state.params),
-          batch_stats=jax.tree_util.tree_map(keep_old, new_state.batch_stats, state.batch_stats),
-          opt_state=jax.tree_util.tree_map(keep_old, new_state.opt_state, state.opt_state))
-    metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
-               'skipped': jnp.logical_not(finite).astype(jnp.int32) if skip_nonfinite
-                          else jnp.zeros((), jnp.int32),
-               'student_finite': _all_finite(logits),
-               'teacher_finite': (_all_finite(teacher_logits) if teacher_logits is not None
-                                  else jnp.array(True))}
-    return new_state, metrics
-
-  def train_step(state: TrainState, teacher_input, train_data: DeviceData,
+  def train_step(state: TrainState, teacher, train_data: DeviceData,
                  batch_indices: jax.Array, key: jax.Array):
+    if augment and teacher.needs_unaugmented_images:
+      raise KdjaxError('cached teacher logits are computed on un-augmented images; they cannot '
+                       'be used with augmentation on (the teacher must see each augmented '
+                       'batch).')
     # The replicas share one step counter; each has its own key (one key without replicas).
-    step = state.step[0] if num_replicas else state.step
-    keys = key if num_replicas else key[None]
+    step = state.step[0] if stacked else state.step
+    keys = key if stacked else key[None]
     step_keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, step)))(keys)
     augment_key, noise_keys = step_keys[0, 0], step_keys[:, 1]
     images = shard_batch(train_data.images[batch_indices])
@@ -305,25 +207,12 @@ def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
     if augment:
       images = kd_data.random_crop_and_flip(augment_key, images, padding=padding, flip=flip)
     images = kd_data.normalize(images, normalization.mean, normalization.std)
-    def teacher_forward(variables):
-      # Inference mode (running BN statistics), and no gradient is ever built for the teacher.
-      return jax.lax.stop_gradient(
-          teacher.apply(variables, images, train=False)).astype(jnp.float32)
-
-    teacher_logits = None
-    if teacher_logits_cached and per_replica:  # [N, num_train, C] → [N, B, C].
-      teacher_logits = shard_replica_batch(teacher_input[:, batch_indices])
-    elif teacher_logits_cached:
-      teacher_logits = shard_batch(teacher_input[batch_indices])
-    elif teacher is not None and per_replica and batching == 'vmap':
-      teacher_logits = jax.vmap(teacher_forward)(teacher_input)
-    elif teacher is not None and per_replica:
-      teacher_logits = jnp.stack([teacher_forward(replica(teacher_input, r))
-                                  for r in range(num_replicas)])
-    elif teacher is not None:
-      teacher_logits = teacher_forward(teacher_input)
-    if not num_replicas:
+    teacher_logits = teacher.logits(images, batch_indices)
+    if teacher_logits is not None:  # [..., B, C]: the batch axis is split over the devices.
+      teacher_logits = shard_batch(teacher_logits, teacher_logits.ndim - 2)
+    if not stacked:
       return student_update(state, images, labels, teacher_logits, noise_keys[0])
+    per_replica = teacher.per_replica
     if batching == 'vmap':
       return jax.vmap(student_update, in_axes=(0, None, None, 0 if per_replica else None, 0))(
           state, images, labels, teacher_logits, noise_keys)
@@ -337,6 +226,48 @@ def make_train_step(student: nn.Module, teacher: Optional[nn.Module],
   whole, rows = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   return jit(train_step, compiler_options, donate_argnums=0,
              in_shardings=(whole, whole, whole, rows, whole), out_shardings=whole)
+
+
+def _student_update(loss, skip_nonfinite: bool, state: TrainState, images, labels, teacher_logits,
+                    noise_key):
+  """One SGD step of one student on the mean of `loss`'s per-example values, and its metrics."""
+  def loss_fn(params):
+    # Dropout (where a model has it) draws from the replica's key, apart from the loss noise.
+    outputs, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
+                                      images, train=True, mutable=['batch_stats'],
+                                      rngs={'dropout': jax.random.fold_in(noise_key, 1)})
+    per_example = loss(outputs, teacher_logits, labels, noise_key)
+    return jnp.mean(per_example), (final_logits(outputs), updates)
+
+  (value, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads,
+                                    batch_stats=updates.get('batch_stats', state.batch_stats))
+  finite = jnp.isfinite(value) & _all_finite(new_state.params)
+  if skip_nonfinite:
+    keep_old = lambda new, old: jnp.where(finite, new, old)
+    new_state = new_state.replace(
+        params=jax.tree_util.tree_map(keep_old, new_state.params, state.params),
+        batch_stats=jax.tree_util.tree_map(keep_old, new_state.batch_stats, state.batch_stats),
+        opt_state=jax.tree_util.tree_map(keep_old, new_state.opt_state, state.opt_state))
+  metrics = {'loss': value, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
+             'skipped': jnp.logical_not(finite).astype(jnp.int32) if skip_nonfinite
+                        else jnp.zeros((), jnp.int32),
+             'student_finite': _all_finite(logits),
+             'teacher_finite': (_all_finite(teacher_logits) if teacher_logits is not None
+                                else jnp.array(True))}
+  return new_state, metrics
+
+
+def exit_logits(outputs) -> Optional[jax.Array]:
+  """A multi-exit model's `[E, B, C]` exit logits (its outputs are `(exits, ensemble teachers)`);
+  None for a single-exit model, whose outputs are its `[B, C]` logits."""
+  return outputs[0] if isinstance(outputs, (tuple, list)) else None
+
+
+def final_logits(outputs) -> jax.Array:
+  """The `[B, C]` logits a model is judged by: its deepest exit's, for a multi-exit model."""
+  exits = exit_logits(outputs)
+  return outputs if exits is None else exits[-1]
 
 
 def make_teacher_logits_fn(teacher: nn.Module, normalization: Normalization,
@@ -385,8 +316,8 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_eval_step(normalization: Normalization, multi_exit: bool = False, *,
-                   num_replicas: int = 0, mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
+def make_eval_step(normalization: Normalization, *, num_replicas: Optional[int] = None,
+                   mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
   """Jitted `(state, data, indices, mask) → sums over a batch` of the loss, correct predictions,
   the probability mass on non-true classes, and the prediction entropy (nats).
 
@@ -394,23 +325,22 @@ def make_eval_step(normalization: Normalization, multi_exit: bool = False, *,
   For a multi-exit model these describe the deepest exit, and `exit_correct` `[E]` and
   `ensemble_correct` (the average of the exits' probabilities) are added.
   `mask` marks the real rows of a padded last batch, so every batch has one shape. With
-  `num_replicas` N ≥ 1 the state is N stacked models and every sum gains a leading `[N]` axis;
+  `num_replicas` N >= 1 (None: one model) the state is N stacked models and every sum gains a leading `[N]` axis;
   `mesh` shards the batch as in `make_train_step`.
   """
 
   def eval_step(state: TrainState, eval_data: DeviceData, indices, mask):
     labels = eval_data.labels[indices]
     images = kd_data.normalize(eval_data.images[indices], normalization.mean, normalization.std)
-    logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images,
-                            train=False)
+    outputs = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images,
+                             train=False)
     total = lambda x: jnp.sum(x * mask, axis=-1)
     extra = {}
-    if multi_exit:
-      exit_logits = logits[0]
-      extra['exit_correct'] = total(jnp.argmax(exit_logits, -1) == labels)
-      ensemble = jnp.mean(jax.nn.softmax(exit_logits), axis=0)
+    exits, logits = exit_logits(outputs), final_logits(outputs)
+    if exits is not None:
+      extra['exit_correct'] = total(jnp.argmax(exits, -1) == labels)
+      ensemble = jnp.mean(jax.nn.softmax(exits), axis=0)
       extra['ensemble_correct'] = total(jnp.argmax(ensemble, -1) == labels)
-      logits = exit_logits[-1]
     per_example = losses.cross_entropy(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels)
     nontrue = 1.0 - jnp.exp(-per_example)  # CE = −log p_true.
@@ -419,7 +349,7 @@ def make_eval_step(normalization: Normalization, multi_exit: bool = False, *,
     return {'loss': total(per_example), 'correct': total(correct), 'count': jnp.sum(mask),
             'nontrue_mass': total(nontrue), 'entropy': total(entropy), **extra}
 
-  if num_replicas:
+  if num_replicas is not None:
     eval_step = jax.vmap(eval_step, in_axes=(0, None, None, None))
   if mesh is None:
     return jit(eval_step)

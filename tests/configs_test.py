@@ -4,7 +4,24 @@ import importlib
 
 import pytest
 
-from kdjax import experiment
+from kdjax import config_layout
+from kdjax import plan
+from kdjax.errors import KdjaxError
+
+# The image shapes and sizes of the datasets the configs name (nothing is loaded).
+DATA = {'digits': ((8, 8, 1), 1438), 'mnist': ((28, 28, 1), 60000)}
+
+
+def checked_order(config):
+  """The stage order `plan` gives: every stage and value checked against the config's data."""
+  shape, num_train = DATA.get(config.data.name, ((32, 32, 3), 50000))
+  info = plan.DataInfo(config.data.name, num_train - config.data.validation_size, 10, shape,
+                       config.data.validation_size > 0)
+  return [p.name for p in plan.plan(config, info)]
+
+
+def settings(config, name):
+  return config_layout.stage_settings(config, name)
 
 
 @pytest.mark.parametrize('name,teacher,assistant,student', [
@@ -14,7 +31,7 @@ from kdjax import experiment
 ])
 def test_takd_configs(name, teacher, assistant, student):
   config = importlib.import_module(f'experiments.configs.{name}').get_config()
-  order = experiment.stage_order(config)
+  order = checked_order(config)
   assert order == ['teacher', 'assistant', 'nokd', 'blkd', 'takd']
   stages = config.stages
   assert (stages.teacher.model, stages.assistant.model, stages.takd.model) == (
@@ -28,41 +45,48 @@ def test_a_teacher_cycle_is_refused():
   config.stage_order = ()
   config.stages.teacher.loss = 'kd'
   config.stages.teacher.teacher = 'assistant'
-  with pytest.raises(experiment.KdjaxError, match='cycle'):
-    experiment.stage_order(config)
+  with pytest.raises(KdjaxError, match='cycle'):
+    checked_order(config)
 
 
 def test_per_stage_overrides_apply_and_unknown_ones_are_refused():
   config = importlib.import_module('experiments.configs.takd_default').get_config()
   config.stages.takd.train.epochs = 3
-  assert experiment.stage_config(config, 'takd').train.epochs == 3
-  assert experiment.stage_config(config, 'blkd').train.epochs == config.train.epochs
+  assert settings(config, 'takd').train.epochs == 3
+  assert settings(config, 'blkd').train.epochs == config.train.epochs
   config.stages.takd.train.epoch = 3
-  with pytest.raises(experiment.KdjaxError, match="unknown train setting 'epoch'"):
-    experiment.stage_config(config, 'takd')
+  with pytest.raises(KdjaxError, match="unknown train setting 'epoch'"):
+    settings(config, 'takd')
+  config.stages.takd.train = {}
+  config.stages.takd.loss_kw.temperature = 2.0  # a stage's loss settings over config.losses.
+  assert settings(config, 'takd').loss_kw.temperature == 2.0
+  assert settings(config, 'blkd').loss_kw.temperature == config.losses.kd.temperature == 4.0
+  assert settings(config, 'takd').loss_kw.kd_weight == config.losses.kd.kd_weight
 
 
 def test_generations_config_is_three_d_eta_lambda_runs():
   config = importlib.import_module('experiments.configs.generations_default').get_config()
-  order = experiment.stage_order(config)
+  order = checked_order(config)
   assert len(order) == 11 and order[0] == 'strict_g0'
-  stage = lambda name: experiment.stage_config(config, name)
-  assert stage('strict_g0').kd.eta == 1.0 and stage('tolerant_g0').kd.eta == 0.6
-  assert stage('baseline_g3').loss == 'ce' and not stage('baseline_g3').teacher
-  assert stage('born_again_g1').teacher == 'strict_g0' and stage('born_again_g1').kd.kd_weight == 0.5
-  assert stage('tolerant_g3').teacher == 'tolerant_g2' and stage('tolerant_g3').kd.kd_weight == 0.6
-  assert all(stage(n).kd.temperature == 1.0 for n in order)
+  stage = lambda name: settings(config, name)
+  assert stage('strict_g0').loss_kw.eta == 1.0 and stage('tolerant_g0').loss_kw.eta == 0.6
+  assert stage('baseline_g3').loss == 'ce' and not stage('baseline_g3').teachers
+  assert (stage('born_again_g1').teachers.to_dict() == {'strict_g0': 1.0}
+          and stage('born_again_g1').loss_kw.kd_weight == 0.5)
+  assert (stage('tolerant_g3').teachers.to_dict() == {'tolerant_g2': 1.0}
+          and stage('tolerant_g3').loss_kw.kd_weight == 0.6)
+  assert all(stage(n).loss_kw.temperature == 1.0 for n in order if stage(n).loss == 'kd')
   assert {stage(n).model for n in order} == {'plain_cnn_4'}
   cifar = importlib.import_module('experiments.configs.generations_cifar10').get_config()
-  assert len(experiment.stage_order(cifar)) == 11
+  assert len(checked_order(cifar)) == 11
 
 
 def test_noisy_configs_cover_the_alpha_sigma_grid():
   for name, teacher in (('noisy_default', 'plain_cnn_6'), ('noisy_mnist', 'lenet5')):
     config = importlib.import_module(f'experiments.configs.{name}').get_config()
-    order = experiment.stage_order(config)
-    grid = {(experiment.stage_config(config, n).kd.noise_alpha,
-             experiment.stage_config(config, n).kd.noise_sigma)
+    order = checked_order(config)
+    grid = {(settings(config, n).loss_kw.noise_alpha,
+             settings(config, n).loss_kw.noise_sigma)
             for n in order if config.stages[n].loss == 'noisy_l2'}
     assert grid == {(0.0, 0.0)} | {(a, s) for a in (0.2, 0.5, 0.8, 1.0) for s in (0.1, 0.5, 1.0)}
     assert config.stages.teacher.model == teacher and config.stages.alone.loss == 'ce'
@@ -70,14 +94,14 @@ def test_noisy_configs_cover_the_alpha_sigma_grid():
 
 def test_multi_exit_model_and_loss_must_match():
   config = importlib.import_module('experiments.configs.mate_default').get_config()
-  assert experiment.stage_order(config) == ['exits_ce', 'byot', 'exit_ensemble', 'mate']
+  assert checked_order(config) == ['exits_ce', 'byot', 'exit_ensemble', 'mate']
   config.stages.mate.model = 'resnet8'
-  with pytest.raises(experiment.KdjaxError, match='do not fit'):
-    experiment.stage_order(config)
+  with pytest.raises(KdjaxError, match='do not fit'):
+    checked_order(config)
   config = importlib.import_module('experiments.configs.takd_default').get_config()
   config.stages.teacher.model = 'multi_exit_resnet8'
-  with pytest.raises(experiment.KdjaxError, match='multi-exit|do not fit'):
-    experiment.stage_order(config)
+  with pytest.raises(KdjaxError, match='multi-exit|do not fit'):
+    checked_order(config)
   cifar = importlib.import_module('experiments.configs.mate_cifar10').get_config()
   assert {s.model for s in cifar.stages.values()} == {'multi_exit_resnet20'}
 
@@ -85,11 +109,11 @@ def test_multi_exit_model_and_loss_must_match():
 def test_takd_reproduction_config_follows_the_protocol():
   from experiments.configs import repro_takd_cifar10_cnn
   config = repro_takd_cifar10_cnn.get_config()
-  order = experiment.stage_order(config)
+  order = checked_order(config)
   assert config.data.validation_size == 5000
   students = [n for n in order if config.stages[n].model == 'plain_cnn_2']
   assert len(students) == 6  # NOKD, BLKD, three TAKD, the path's end.
-  assert all(experiment.stage_config(config, n).num_replicas >= 3 for n in students)
+  assert all(settings(config, n).num_replicas >= 3 for n in students)
   assert not config.data.augment.enabled  # TAKD's setting; the teacher's logits are cached.
 
   def path_to_teacher(name):
@@ -110,9 +134,9 @@ def test_takd_reproduction_config_follows_the_protocol():
 def test_reproduction_configs_follow_the_protocol(name):
   module = importlib.import_module(f'experiments.configs.{name}')
   config = module.get_config()
-  order = experiment.stage_order(config)  # every stage and value checks out.
+  order = checked_order(config)  # every stage and value checks out.
   assert config.data.validation_size == 5000
-  replicas = {n: experiment.stage_config(config, n).num_replicas for n in order}
+  replicas = {n: settings(config, n).num_replicas for n in order}
   assert sum(r >= 3 for r in replicas.values()) >= len(order) - 6  # teachers may train once.
   if not hasattr(module, 'paper'):
     return
@@ -141,7 +165,7 @@ def _table_cells(markdown, prefix):
 
 def test_generations_reproduction_tabulates_each_lineage_by_generation():
   module = importlib.import_module('experiments.configs.repro_generations_cifar10')
-  names = experiment.stage_order(module.get_config())
+  names = checked_order(module.get_config())
   # Stage i's three lineages score i/100, i/100 + 0.01, i/100 + 0.02: mean i + 1, std 1 (points).
   rows = {name: {'test': [i / 100, i / 100 + 0.01, i / 100 + 0.02], 'train_accuracy': 0.5}
           for i, name in enumerate(names)}
@@ -155,7 +179,7 @@ def test_generations_reproduction_tabulates_each_lineage_by_generation():
 
 def test_takd_reproduction_tabulates_the_student_by_its_teacher():
   module = importlib.import_module('experiments.configs.repro_takd_cifar10_cnn')
-  names = experiment.stage_order(module.get_config())
+  names = checked_order(module.get_config())
   # Stage i scores i/100 (points i) on each of its seeds; BLKD's seeds differ by ±1 point.
   rows = {name: {'test': [names.index(name) / 100] * 3} for name in names}
   rows['blkd'] = {'test': [names.index('blkd') / 100 + d for d in (-0.01, 0.0, 0.01)]}

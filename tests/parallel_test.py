@@ -21,18 +21,18 @@ SCRIPT = r'''
 import json
 import jax, jax.numpy as jnp, numpy as np
 from experiments.configs import takd_default
-from kdjax import models, parallel, train
+from kdjax import models, parallel, stage_losses, teachers, train
 
 assert jax.device_count() == 8, jax.devices()
 BATCH, STEPS = 32, 6
 config = takd_default.get_config()
-loss_config = config.kd
-loss_config.loss = 'kd'
+loss = stage_losses.get_loss('kd', dict(config.losses.kd))
 augment = config.data.augment
 augment.enabled, augment.crop_padding = True, 1  # crops and flips inside the sharded step.
 norm = train.Normalization(jnp.full((1,), 0.4), jnp.full((1,), 0.3))
 student, teacher = models.get_model('plain_cnn_2', 10), models.get_model('plain_cnn_4', 10)
-teacher_variables = models.init_variables(teacher, (8, 8, 1), jax.random.key(7))
+teacher_source = teachers.LiveTeacher(
+    models.init_variables(teacher, (8, 8, 1), jax.random.key(7)), teacher)
 rng = np.random.default_rng(0)
 images = rng.integers(0, 256, (96, 8, 8, 1), dtype=np.uint8)
 labels = rng.integers(0, 10, 96).astype(np.int32)
@@ -47,14 +47,14 @@ def run(devices, replicas):
       models.init_variables(student, (8, 8, 1), keys))
   state = parallel.put_replicated(state, mesh)
   data = parallel.put_replicated(train.DeviceData(jnp.asarray(images), jnp.asarray(labels)), mesh)
-  step = train.make_train_step(student, teacher, loss_config, augment, norm,
-                               num_replicas=replicas, mesh=mesh)
+  step = train.make_train_step(student, loss, augment, norm, num_replicas=replicas or None,
+                               mesh=mesh)
   indices = jax.device_put(np.arange(BATCH), parallel.batch_sharded(mesh))
-  compiled = step.lower(state, teacher_variables, data, indices, keys).compile()
+  compiled = step.lower(state, teacher_source, data, indices, keys).compile()
   losses = []
   for i in range(STEPS):
     indices = jax.device_put(rng_steps[i], parallel.batch_sharded(mesh))
-    state, metrics = compiled(state, teacher_variables, data, indices, keys)
+    state, metrics = compiled(state, teacher_source, data, indices, keys)
     losses.append(np.asarray(metrics['loss']).tolist())
   leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(
       (state.params, state.batch_stats, state.opt_state))]

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import pathlib
 import random
 import signal
 import subprocess
@@ -202,22 +203,27 @@ def test_a_different_config_in_a_used_workdir_is_refused(cli_env, tmp_path, refe
   assert json.loads((workdir / 'results.json').read_text())['stages'][0]['epochs'] == 1
 
 
-def test_a_run_recorded_before_new_settings_resumes(cli_env, tmp_path, reference_run):
-  # As an older kdjax recorded it: without the settings added since (ADDED_SETTINGS).
+def test_a_run_recorded_in_the_earlier_config_layout_resumes(cli_env, tmp_path, reference_run):
+  # config.json as kdjax recorded TINY before the plan/run split (one `kd` block), less the
+  # settings that were added later still (an older record): the same experiment in today's layout.
   workdir = tmp_path / 'run'
   subprocess.run(['cp', '-r', str(reference_run), str(workdir)], check=True)
-  recorded = json.loads((workdir / 'config.json').read_text())
+  recorded = json.loads((pathlib.Path(REPO) / 'tests/data/tiny_chain_layout1_config.json')
+                        .read_text())
   del recorded['kd']['noise_on'], recorded['kd']['teacher_replica']
   for stage in recorded['stages'].values():
     del stage['num_replicas']
   (workdir / 'config.json').write_text(json.dumps(recorded, indent=2, sort_keys=True))
   stages_before = folder_digest(workdir / 'stages')
-  # A new setting at a non-neutral value is another experiment.
-  refused = run_cli(cli_env, workdir, TINY, '--config.kd.noise_on=student')
+  # A setting at another value than the record's (or its neutral default) is another experiment.
+  refused = run_cli(cli_env, workdir, TINY, '--config.teacher_source.cache_logits=False')
+  assert refused.returncode == 2 and 'different config' in refused.stderr
+  refused = run_cli(cli_env, workdir, TINY, '--config.losses.kd.temperature=2.0')
   assert refused.returncode == 2 and 'different config' in refused.stderr
   resumed = run_cli(cli_env, workdir, TINY)
   assert resumed.returncode == 0, resumed.stderr
-  assert 'recorded before some settings existed' in resumed.stdout
+  assert 'recorded in the earlier config layout' in resumed.stdout
   assert '[student] finished earlier' in resumed.stdout  # nothing retrained.
   assert folder_digest(workdir / 'stages') == stages_before
-  assert json.loads((workdir / 'config.json').read_text())['kd']['teacher_replica'] == 'first'
+  rewritten = json.loads((workdir / 'config.json').read_text())
+  assert 'kd' not in rewritten and rewritten['teacher_source']['replica'] == 'first'

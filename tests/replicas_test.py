@@ -6,13 +6,14 @@ import subprocess
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from conftest import REPO, cli_command, finished_run, run_cli
 from experiments.configs import takd_default
 from kdjax import models
+from kdjax import stage_losses
+from kdjax import teachers
 from kdjax import train
 from kdjax.errors import KdjaxError
 from reliability_test import assert_same_final_state, checkpoint_steps, final_arrays, wait_for
@@ -28,9 +29,12 @@ STUDENT = models.get_model('plain_cnn_2', 10)
 TEACHER = models.get_model('plain_cnn_4', 10)
 
 
-def loss_config(loss='kd', **changes):
-  return ml_collections.ConfigDict({**takd_default.get_config().kd.to_dict(), 'loss': loss,
-                                    **changes})
+def stage_loss(loss='kd', **settings):
+  return stage_losses.get_loss(loss, settings)
+
+
+def live(variables, per_replica=False, batching='vmap'):
+  return teachers.LiveTeacher(variables, TEACHER, per_replica=per_replica, batching=batching)
 
 
 def augment_config(enabled=False):
@@ -58,9 +62,9 @@ def batches(steps=5, batch=16, num=48):
   return [jnp.asarray(np.random.default_rng(i).permutation(num)[:batch]) for i in range(steps)]
 
 
-def run_steps(step, state, teacher_input, train_data, key):
+def run_steps(step, state, teacher, train_data, key):
   for indices in batches():
-    state, metrics = step(state, teacher_input, train_data, indices, key)
+    state, metrics = step(state, teacher, train_data, indices, key)
   return state, metrics
 
 
@@ -80,18 +84,18 @@ def test_init_with_n_keys_stacks_what_each_key_gives_alone():
 @pytest.mark.parametrize('batching', ['vmap', 'unroll'])
 def test_replicated_students_each_train_as_they_would_alone(batching):
   # Noisy-teacher loss: each replica also draws its own logit noise from its own key.
-  config = loss_config('noisy_l2', noise_alpha=0.5, noise_sigma=0.3)
-  teacher_variables = models.init_variables(TEACHER, (8, 8, 1), jax.random.key(9))
+  loss = stage_loss('noisy_l2', noise_alpha=0.5, noise_sigma=0.3)
+  teacher = live(models.init_variables(TEACHER, (8, 8, 1), jax.random.key(9)))
   keys = jnp.stack([jax.random.key(s) for s in (3, 4, 5)])
   train_data = data()
-  vmapped = train.make_train_step(STUDENT, TEACHER, config, augment_config(), NORM,
+  vmapped = train.make_train_step(STUDENT, loss, augment_config(), NORM,
                                   num_replicas=3, replica_batching=batching)
-  together, metrics = run_steps(vmapped, states(keys, True), teacher_variables, train_data, keys)
+  together, metrics = run_steps(vmapped, states(keys, True), teacher, train_data, keys)
   assert np.asarray(metrics['loss']).shape == (3,)
-  single = train.make_train_step(STUDENT, TEACHER, config, augment_config(), NORM)
+  single = train.make_train_step(STUDENT, loss, augment_config(), NORM)
   finals = []
   for r, seed in enumerate((3, 4, 5)):
-    alone, _ = run_steps(single, states(jax.random.key(seed), False), teacher_variables,
+    alone, _ = run_steps(single, states(jax.random.key(seed), False), teacher,
                          train_data, jax.random.key(seed))
     finals.append(leaves(alone.params))
     for a, b in zip(finals[-1], leaves(together.params)):
@@ -104,17 +108,18 @@ def test_replicas_share_one_teacher_forward():
   teacher_variables = models.init_variables(TEACHER, (8, 8, 1), jax.random.key(9))
   train_data, indices = data(), jnp.arange(16)
 
-  def flops(replicas, teacher=TEACHER, loss='kd'):
+  def flops(replicas, teacher=True, loss='kd'):
     keys = jnp.stack([jax.random.key(s) for s in range(replicas)]) if replicas else \
         jax.random.key(0)
-    step = train.make_train_step(STUDENT, teacher, loss_config(loss), augment_config(), NORM,
-                                 num_replicas=replicas, replica_batching='vmap')
-    compiled = step.lower(states(keys, bool(replicas)), teacher_variables if teacher else {},
-                          train_data, indices, keys).compile()
+    step = train.make_train_step(STUDENT, stage_loss(loss), augment_config(), NORM,
+                                 num_replicas=replicas or None, replica_batching='vmap')
+    source = live(teacher_variables) if teacher else teachers.NoTeacher()
+    compiled = step.lower(states(keys, bool(replicas)), source, train_data, indices,
+                          keys).compile()
     return compiled.cost_analysis()['flops']
 
   one, four = flops(0), flops(4)
-  student_only = flops(0, teacher=None, loss='ce')
+  student_only = flops(0, teacher=False, loss='ce')
   teacher_forward = one - student_only
   assert teacher_forward > 0.5 * student_only  # the teacher is a real share of the step.
   np.testing.assert_allclose(four, teacher_forward + 4 * student_only, rtol=0.05)
@@ -123,24 +128,24 @@ def test_replicas_share_one_teacher_forward():
 def test_cached_teacher_logits_train_the_same_student():
   teacher_variables = models.init_variables(TEACHER, (8, 8, 1), jax.random.key(9))
   train_data = data()
-  table = train.teacher_logits_table(TEACHER, teacher_variables, train_data, NORM, batch_size=20)
+  cached = teachers.cache(live(teacher_variables), train_data, NORM, batch_size=20)
   images = (np.asarray(train_data.images, np.float32) / 255 - 0.4) / 0.3
-  np.testing.assert_allclose(table, TEACHER.apply(teacher_variables, images), rtol=1e-5,
+  np.testing.assert_allclose(cached.table, TEACHER.apply(teacher_variables, images), rtol=1e-5,
                              atol=1e-5)  # 48 = 20 + 20 + 8 (padded).
   key = jax.random.key(3)
-  uncached = train.make_train_step(STUDENT, TEACHER, loss_config(), augment_config(), NORM)
-  cached = train.make_train_step(STUDENT, TEACHER, loss_config(), augment_config(), NORM,
-                                 teacher_logits_cached=True)
-  a, _ = run_steps(uncached, states(key, False), teacher_variables, train_data, key)
-  b, _ = run_steps(cached, states(key, False), table, train_data, key)
+  step = train.make_train_step(STUDENT, stage_loss(), augment_config(), NORM)
+  a, _ = run_steps(step, states(key, False), live(teacher_variables), train_data, key)
+  b, _ = run_steps(step, states(key, False), cached, train_data, key)
   for x, y in zip(leaves(a.params), leaves(b.params)):
     np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
 
 
 def test_cached_logits_with_augmentation_are_refused():
+  table = teachers.CachedTeacher(jnp.zeros((48, 10)))
+  step = train.make_train_step(STUDENT, stage_loss(), augment_config(True), NORM)
+  key = jax.random.key(3)
   with pytest.raises(KdjaxError, match='cannot be used with augmentation on'):
-    train.make_train_step(STUDENT, TEACHER, loss_config(), augment_config(True), NORM,
-                          teacher_logits_cached=True)
+    step(states(key, False), table, data(), jnp.arange(16), key)
 
 
 def test_bfloat16_teacher_computes_in_bfloat16_close_to_float32():
@@ -220,7 +225,7 @@ def test_uncached_teacher_run_gives_the_same_student(cli_env, tmp_path):
   runs = {}
   for cache in (True, False):
     workdir = tmp_path / f'cache_{cache}'
-    done = run_cli(cli_env, workdir, TINY, f'--config.kd.cache_teacher_logits={cache}', *SHORT)
+    done = run_cli(cli_env, workdir, TINY, f'--config.teacher_source.cache_logits={cache}', *SHORT)
     assert done.returncode == 0, done.stderr
     assert ("cached the teacher's logits" in done.stdout) == cache
     runs[cache] = final_arrays(workdir, 'student')[1]
@@ -247,28 +252,26 @@ def test_replicated_stage_killed_mid_run_resumes_bitwise(cli_env, replicated_run
                                              ('unroll', True)])
 def test_matching_teachers_train_each_replica_from_its_own(batching, cached):
   # Replica r with teacher r equals a single student trained from teacher r alone.
-  config = loss_config('kd')
+  loss = stage_loss('kd')
   teacher_keys = jnp.stack([jax.random.key(s) for s in (9, 10)])
-  teachers = models.init_variables(TEACHER, (8, 8, 1), teacher_keys)
+  stacked = models.init_variables(TEACHER, (8, 8, 1), teacher_keys)
   keys = jnp.stack([jax.random.key(s) for s in (3, 4)])
   train_data = data()
-  table = lambda v: train.teacher_logits_table(TEACHER, v, train_data, NORM, batch_size=20)
-  teacher_input = (jnp.stack([table(train.replica(teachers, r)) for r in range(2)]) if cached
-                   else teachers)
-  step = train.make_train_step(STUDENT, TEACHER, config, augment_config(), NORM, num_replicas=2,
-                               replica_batching=batching, teacher_per_replica=True,
-                               teacher_logits_cached=cached)
-  together, _ = run_steps(step, states(keys, True), teacher_input, train_data, keys)
-  single = train.make_train_step(STUDENT, TEACHER, config, augment_config(), NORM)
+  source = live(stacked, per_replica=True, batching=batching)
+  if cached:
+    source = teachers.cache(source, train_data, NORM, batch_size=20)
+  step = train.make_train_step(STUDENT, loss, augment_config(), NORM, num_replicas=2,
+                               replica_batching=batching)
+  together, _ = run_steps(step, states(keys, True), source, train_data, keys)
+  single = train.make_train_step(STUDENT, loss, augment_config(), NORM)
   for r, seed in enumerate((3, 4)):
-    alone, _ = run_steps(single, states(jax.random.key(seed), False), train.replica(teachers, r),
-                         train_data, jax.random.key(seed))
+    alone, _ = run_steps(single, states(jax.random.key(seed), False),
+                         live(train.replica(stacked, r)), train_data, jax.random.key(seed))
     for a, b in zip(leaves(alone.params), leaves(together.params)):
       np.testing.assert_allclose(b[r], a, rtol=2e-5, atol=2e-6)
   # And replica 1 did not learn from teacher 0: the shared-teacher step gives another student.
-  shared = train.make_train_step(STUDENT, TEACHER, config, augment_config(), NORM, num_replicas=2,
-                                 replica_batching=batching)
-  first, _ = run_steps(shared, states(keys, True), train.replica(teachers, 0), train_data, keys)
+  first, _ = run_steps(step, states(keys, True), live(train.replica(stacked, 0)), train_data,
+                       keys)
   assert not np.allclose(leaves(first.params)[0][1], leaves(together.params)[0][1])
 
 
@@ -278,14 +281,14 @@ def test_matching_teachers_in_a_run(cli_env, tmp_path):
   for mode in ('matching', 'first'):
     workdir = tmp_path / mode
     done = run_cli(cli_env, workdir, TINY, '--config.num_replicas=2', *SHORT,
-                   f'--config.kd.teacher_replica={mode}')
+                   f'--config.teacher_source.replica={mode}')
     assert done.returncode == 0, done.stderr
     students[mode] = final_arrays(workdir, 'student')[1]
   for a, b in zip(students['matching'], students['first']):
     np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6)
   assert not np.allclose(students['matching'][0][1], students['first'][0][1], atol=1e-4)
   mismatched = run_cli(cli_env, tmp_path / 'bad', TINY, '--config.num_replicas=2', *SHORT,
-                       '--config.kd.teacher_replica=matching',
+                       '--config.teacher_source.replica=matching',
                        '--config.stages.teacher.num_replicas=1')
   assert mismatched.returncode == 2 and 'same number of replicas' in mismatched.stderr
   assert not (tmp_path / 'bad').exists()

@@ -2,12 +2,13 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from experiments.configs import takd_default
 from kdjax import models
+from kdjax import stage_losses
+from kdjax import teachers
 from kdjax import train
 
 
@@ -63,14 +64,13 @@ def test_takd_official_schedule_reproduces_the_code():
   np.testing.assert_allclose([float(plain(s)) for s in (0, 79)], [0.01, 0.01], rtol=1e-6)
 
 
-def make_step(teacher_model, loss='kd'):
+def make_step(loss='kd'):
   student = models.get_model('plain_cnn_2', 3)
-  loss_config = ml_collections.ConfigDict(
-      {**takd_default.get_config().kd.to_dict(), 'loss': loss, 'temperature': 4.0,
-       'kd_weight': 0.9})
+  stage_loss = stage_losses.get_loss(loss, {'temperature': 4.0, 'kd_weight': 0.9}
+                                     if loss == 'kd' else {})
   augment = takd_default.get_config().data.augment
   norm = train.Normalization(jnp.full((1,), 0.5), jnp.full((1,), 0.25))
-  step = train.make_train_step(student, teacher_model, loss_config, augment, norm)
+  step = train.make_train_step(student, stage_loss, augment, norm)
   variables = models.init_variables(student, (8, 8, 1), jax.random.key(1))
   state = train.create_train_state(student, variables,
                                    train.make_optimizer(train_config(), lambda s: 0.05))
@@ -84,11 +84,12 @@ def test_train_step_learns_and_leaves_the_teacher_alone():
   teacher = models.get_model('plain_cnn_2', 3)
   teacher_variables = models.init_variables(teacher, (8, 8, 1), jax.random.key(2))
   before = jax.tree_util.tree_map(np.array, teacher_variables)
-  step, state, batch = make_step(teacher)
+  step, state, batch = make_step()
   indices = jnp.arange(16)
   losses = []
   for _ in range(15):
-    state, metrics = step(state, teacher_variables, batch, indices, jax.random.key(0))
+    state, metrics = step(state, teachers.LiveTeacher(teacher_variables, teacher), batch, indices,
+                          jax.random.key(0))
     losses.append(float(metrics['loss']))
   assert losses[-1] < losses[0]
   jax.tree_util.tree_map(np.testing.assert_array_equal, before,
@@ -101,22 +102,24 @@ def test_teacher_forward_builds_no_gradient():
   # none of the teacher's: count conv ops with the teacher's 8-pixel input and 16 channels.
   teacher = models.get_model('plain_cnn_4', 3)
   teacher_variables = models.init_variables(teacher, (8, 8, 1), jax.random.key(2))
-  step, state, batch = make_step(teacher)
+  step, state, batch = make_step()
   jaxpr = str(jax.make_jaxpr(step.__wrapped__ if hasattr(step, '__wrapped__') else step)(
-      state, teacher_variables, batch, jnp.arange(16), jax.random.key(0)))
+      state, teachers.LiveTeacher(teacher_variables, teacher), batch, jnp.arange(16),
+      jax.random.key(0)))
   forward_only = str(jax.make_jaxpr(lambda v, x: teacher.apply(v, x, train=False))(
       teacher_variables, jnp.zeros((16, 8, 8, 1))))
-  student_only, _, _ = make_step(None, loss='ce')
-  student_jaxpr = str(jax.make_jaxpr(student_only)(state, {}, batch, jnp.arange(16),
-                                                     jax.random.key(0)))
+  student_only, _, _ = make_step(loss='ce')
+  student_jaxpr = str(jax.make_jaxpr(student_only)(state, teachers.NoTeacher(), batch,
+                                                     jnp.arange(16), jax.random.key(0)))
   count = lambda text: text.count('conv_general_dilated[')
   assert count(forward_only) == 4 and count(student_jaxpr) > 4
   assert count(jaxpr) == count(student_jaxpr) + count(forward_only)
 
 
-def loss_config(loss, **changes):
-  return ml_collections.ConfigDict({**takd_default.get_config().kd.to_dict(), 'loss': loss,
-                                    **changes})
+def stage_loss_mean(name, student_logits, teacher_logits, labels, key, **settings):
+  """A stage loss reduced as the train step reduces it: the mean of its per-example values."""
+  loss = stage_losses.get_loss(name, settings)
+  return jnp.mean(loss(student_logits, teacher_logits, labels, key))
 
 
 def test_stage_losses_compose_the_public_losses():
@@ -128,33 +131,32 @@ def test_stage_losses_compose_the_public_losses():
   ce = float(np.mean(losses.cross_entropy(s, y)))
   tolerant = float(losses.tolerant_teacher_loss(s, y, eta=0.6))
   kl_t1 = float(losses.distillation_loss(s, t, y, temperature=1.0, kd_weight=1.0))
-  np.testing.assert_allclose(train.stage_loss(s, None, y, loss_config('ce'), key), ce, rtol=1e-6)
-  np.testing.assert_allclose(train.stage_loss(s, None, y, loss_config('ce', eta=0.6), key),
-                             tolerant, rtol=1e-6)
+  np.testing.assert_allclose(stage_loss_mean('ce', s, None, y, key), ce, rtol=1e-6)
+  np.testing.assert_allclose(stage_loss_mean('ce', s, None, y, key, eta=0.6), tolerant,
+                             rtol=1e-6)
   # A tolerant generation: (1 − λ)·(η·CE + (1 − η)·TSD) + λ·KL at T = 1.
-  got = train.stage_loss(s, t, y, loss_config('kd', eta=0.6, kd_weight=0.6, temperature=1.0), key)
+  got = stage_loss_mean('kd', s, t, y, key, eta=0.6, kd_weight=0.6, temperature=1.0)
   np.testing.assert_allclose(got, 0.4 * tolerant + 0.6 * kl_t1, rtol=1e-5)
   # Noisy teacher with α = 0 is plain logit regression; with a CE weight it mixes in CE.
   l2 = float(np.mean(0.5 * ((s - t)**2).sum(-1)))
-  np.testing.assert_allclose(train.stage_loss(s, t, y, loss_config('noisy_l2'), key), l2,
-                             rtol=1e-6)
-  mixed = loss_config('noisy_l2', noise_ce_weight=0.25)
-  np.testing.assert_allclose(train.stage_loss(s, t, y, mixed, key), 0.75 * l2 + 0.25 * ce,
-                             rtol=1e-6)
-  noisy = loss_config('noisy_l2', noise_alpha=1.0, noise_sigma=0.5)
-  assert abs(float(train.stage_loss(s, t, y, noisy, key)) - l2) > 1e-3  # noise really applied.
+  np.testing.assert_allclose(stage_loss_mean('noisy_l2', s, t, y, key), l2, rtol=1e-6)
+  np.testing.assert_allclose(stage_loss_mean('noisy_l2', s, t, y, key, noise_ce_weight=0.25),
+                             0.75 * l2 + 0.25 * ce, rtol=1e-6)
+  noisy = dict(noise_alpha=1.0, noise_sigma=0.5)
+  assert abs(float(stage_loss_mean('noisy_l2', s, t, y, key, **noisy)) - l2) > 1e-3  # applied.
   # The same noise on the student: ½‖f·z_s − z_t‖² with the factors f the teacher would have got
   # from this key; its gradient is f·(f·z_s − z_t) / B.
   factors = np.asarray(losses.perturb_logits(key, t, alpha=1.0, sigma=0.5)) / t
-  on_student = loss_config('noisy_l2', noise_alpha=1.0, noise_sigma=0.5, noise_on='student')
-  np.testing.assert_allclose(train.stage_loss(s, t, y, on_student, key),
+  on_student = dict(noise_alpha=1.0, noise_sigma=0.5, noise_on='student')
+  np.testing.assert_allclose(stage_loss_mean('noisy_l2', s, t, y, key, **on_student),
                              np.mean(0.5 * ((factors * s - t)**2).sum(-1)), rtol=1e-5)
-  grad = jax.grad(lambda z: train.stage_loss(z, t, y, on_student, key))(jnp.asarray(s))
+  grad = jax.grad(lambda z: stage_loss_mean('noisy_l2', z, t, y, key, **on_student))(
+      jnp.asarray(s))
   np.testing.assert_allclose(grad, factors * (factors * s - t) / len(s), rtol=1e-4, atol=1e-6)
 
 
 def test_evaluate_matches_numpy_over_a_padded_last_batch():
-  _, state, data = make_step(None, loss='ce')
+  _, state, data = make_step(loss='ce')
   norm = train.Normalization(jnp.full((1,), 0.5), jnp.full((1,), 0.25))
   got = train.evaluate(train.make_eval_step(norm), state, data, batch_size=6)  # 16 = 6 + 6 + 4.
   images = (np.asarray(data.images, np.float32) / 255.0 - 0.5) / 0.25
@@ -177,18 +179,19 @@ def test_train_step_composes_inside_a_users_own_jit():
   # inside a user's jit (here: two steps in one lax.scan) the step must trace as a plain function.
   teacher = models.get_model('plain_cnn_2', 3)
   teacher_variables = models.init_variables(teacher, (8, 8, 1), jax.random.key(2))
-  step, state, batch = make_step(teacher)
+  step, state, batch = make_step()
+  source = teachers.LiveTeacher(teacher_variables, teacher)
   indices, key = jnp.arange(16), jax.random.key(0)
   copy = jax.tree_util.tree_map(jnp.array, state)  # the step donates its state.
 
   @jax.jit
   def two_steps(state):
-    body = lambda s, _: (step(s, teacher_variables, batch, indices, key)[0], None)
+    body = lambda s, _: (step(s, source, batch, indices, key)[0], None)
     return jax.lax.scan(body, state, None, length=2)[0]
 
   scanned = two_steps(copy)
   for _ in range(2):
-    state, _ = step(state, teacher_variables, batch, indices, key)
+    state, _ = step(state, source, batch, indices, key)
   for a, b in zip(jax.tree_util.tree_leaves(scanned.params),
                   jax.tree_util.tree_leaves(state.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -81,9 +81,9 @@ def kdjax_row(pair: str, label: str, conv: str = 'xla', compiler_options=None,
   import jax.numpy as jnp
   from kdjax import models
   from kdjax import parallel
+  from kdjax import teachers
   from kdjax import train
-  teacher, student, teacher_vars, loss_config, augment_config, normalization = kdjax_setup(
-      pair, conv)
+  teacher, student, teacher_vars, loss, augment_config, normalization = kdjax_setup(pair, conv)
   tx = train.make_optimizer(ml_train_config(), lambda _: LR)
   keys = jnp.stack([jax.random.key(2 + r) for r in range(replicas)]) if replicas else \
       jax.random.key(2)
@@ -96,17 +96,18 @@ def kdjax_row(pair: str, label: str, conv: str = 'xla', compiler_options=None,
   if mesh is not None:
     state, teacher_vars, data = parallel.put_replicated((state, teacher_vars, data), mesh)
     batches = [jax.device_put(b, parallel.batch_sharded(mesh)) for b in batches]
-  step_fn = train.make_train_step(student, teacher, loss_config, augment_config, normalization,
-                                  num_replicas=replicas, mesh=mesh,
+  step_fn = train.make_train_step(student, loss, augment_config, normalization,
+                                  num_replicas=replicas or None, mesh=mesh,
                                   compiler_options=compiler_options,
                                   replica_batching=replica_batching)
+  source = teachers.LiveTeacher(teacher_vars, teacher)
   start = time.perf_counter()
-  compiled = step_fn.lower(state, teacher_vars, data, batches[0], keys).compile()
+  compiled = step_fn.lower(state, source, data, batches[0], keys).compile()
   compile_s = time.perf_counter() - start
   box = {'state': state, 'i': 0}
 
   def step():
-    box['state'], metrics = compiled(box['state'], teacher_vars, data,
+    box['state'], metrics = compiled(box['state'], source, data,
                                      batches[box['i'] % len(batches)], keys)
     box['i'] += 1
     jax.block_until_ready(metrics['loss'])
@@ -116,23 +117,22 @@ def kdjax_row(pair: str, label: str, conv: str = 'xla', compiler_options=None,
 
 
 def kdjax_setup(pair: str, conv: str = 'xla'):
-  """(teacher, student, teacher variables, loss config, augment config, normalization)."""
+  """(teacher, student, teacher variables, stage loss, augment config, normalization)."""
   import jax
   import jax.numpy as jnp
   import ml_collections
   from kdjax import models
+  from kdjax import stage_losses
   from kdjax import train
-  from experiments.configs import takd_default
   teacher_name, student_name = PAIRS[pair]
   teacher = models.get_model(teacher_name, NUM_CLASSES, conv=conv)
   student = models.get_model(student_name, NUM_CLASSES, conv=conv)
   teacher_vars = models.init_variables(teacher, IMAGE_SHAPE, jax.random.key(1))
-  loss_config = takd_default.get_config().kd  # every key a stage's loss reads, defaults included.
-  loss_config.update(loss='kd', temperature=TEMPERATURE, kd_weight=KD_WEIGHT,
-                     kl_reduction='batchmean', eta=1.0)
+  loss = stage_losses.get_loss('kd', dict(temperature=TEMPERATURE, kd_weight=KD_WEIGHT,
+                                          kl_reduction='batchmean', eta=1.0))
   augment_config = ml_collections.ConfigDict(dict(enabled=False, crop_padding=4, flip=True))
   normalization = train.Normalization(mean=jnp.full((3,), 0.5), std=jnp.full((3,), 0.25))
-  return teacher, student, teacher_vars, loss_config, augment_config, normalization
+  return teacher, student, teacher_vars, loss, augment_config, normalization
 
 
 def ml_train_config():
@@ -244,14 +244,13 @@ def check_losses_agree():
   """The PyTorch loss equals kdjax's `stage_loss` on the same logits (float64 tolerance aside)."""
   import numpy as np
   import torch
-  from kdjax import train
-  from experiments.configs import takd_default
+  from kdjax import stage_losses
   rng = np.random.default_rng(0)
   student, teacher = (rng.normal(size=(BATCH, NUM_CLASSES)).astype(np.float32) * 3 for _ in 'st')
   labels = rng.integers(0, NUM_CLASSES, BATCH)
-  config = takd_default.get_config().kd
-  config.update(loss='kd', temperature=TEMPERATURE, kd_weight=KD_WEIGHT, kl_reduction='batchmean')
-  ours = float(train.stage_loss(student, teacher, labels, config, None))
+  loss = stage_losses.get_loss('kd', dict(temperature=TEMPERATURE, kd_weight=KD_WEIGHT,
+                                          kl_reduction='batchmean'))
+  ours = float(np.mean(loss(student, teacher, labels.astype(np.int32), None)))
   theirs = float(torch_kd_loss(torch.from_numpy(student), torch.from_numpy(teacher),
                                torch.from_numpy(labels)))
   assert abs(ours - theirs) <= 1e-5 * abs(ours), (ours, theirs)
@@ -366,9 +365,10 @@ def stage_rows(pair: str, step_rows: List[Row], args) -> List[Row]:
   import jax
   import jax.numpy as jnp
   from kdjax import models
+  from kdjax import teachers
   from kdjax import train
   epochs, steps_per_epoch = args.stage_epochs, NUM_TRAIN // BATCH
-  teacher, student, teacher_vars, loss_config, augment_config, normalization = kdjax_setup(pair)
+  teacher, student, teacher_vars, loss, augment_config, normalization = kdjax_setup(pair)
   state = train.create_train_state(
       student, models.init_variables(student, IMAGE_SHAPE, jax.random.key(2)),
       train.make_optimizer(ml_train_config(), lambda _: LR))
@@ -378,17 +378,16 @@ def stage_rows(pair: str, step_rows: List[Row], args) -> List[Row]:
   key = jax.random.key(3)
   start = time.perf_counter()
   logits_fn = train.make_teacher_logits_fn(teacher, normalization)
-  table = train.teacher_logits_table(teacher, teacher_vars, data, normalization, 4 * BATCH,
-                                     logits_fn=logits_fn)
-  cached_step = train.make_train_step(student, teacher, loss_config, augment_config,
-                                      normalization, teacher_logits_cached=True)
+  cached = lambda: teachers.CachedTeacher(train.teacher_logits_table(
+      teacher, teacher_vars, data, normalization, 4 * BATCH, logits_fn=logits_fn))
+  table = cached()
+  cached_step = train.make_train_step(student, loss, augment_config, normalization)
   cached_step = cached_step.lower(state, table, data, batches[0], key).compile()
   compile_s = time.perf_counter() - start
   box = {'state': state}
 
   def kdjax_stage():
-    table = train.teacher_logits_table(teacher, teacher_vars, data, normalization, 4 * BATCH,
-                                       logits_fn=logits_fn)
+    table = cached()
     for i in range(epochs * steps_per_epoch):
       box['state'], metrics = cached_step(box['state'], table, data, batches[i % len(batches)],
                                           key)

@@ -28,7 +28,7 @@ BORN_AGAIN_LAMBDA = 0.5
 def add_generations(config, model, generations=GENERATIONS):
   """Fills `config.stages` with the three D(η, λ) runs for `model`, each a patriarch and
   `generations` students, and sets `config.stage_order`."""
-  config.kd.temperature = 1.0
+  config.losses.kd.temperature = 1.0
   config.stages = ml_collections.ConfigDict()
   config.stages.strict_g0 = stage(model)
   config.stages.tolerant_g0 = stage(model, eta=TOLERANT_ETA)

@@ -13,7 +13,6 @@ from experiments.configs import takd_cifar10_resnet
 def get_config():
   config = takd_cifar10_resnet.get_config()
   config.data.augment.enabled = True
-  config.kd.temperature = 3.0
-  config.kd.kd_weight = 0.5
+  mate_default.set_exit_distillation(config, temperature=3.0, kd_weight=0.5)
   mate_default.add_methods(config, 'multi_exit_resnet20')
   return config

@@ -20,6 +20,13 @@ import ml_collections
 METHODS = ('exits_ce', 'byot', 'exit_ensemble', 'mate')
 
 
+def set_exit_distillation(config, temperature, kd_weight):
+  """The distillation settings of every self-distilling loss (BYOT, exit ensemble, MATE)."""
+  for method in ('byot', 'exit_ensemble', 'mate'):
+    config.losses[method].temperature = temperature
+    config.losses[method].kd_weight = kd_weight
+
+
 def add_methods(config, model):
   config.stages = ml_collections.ConfigDict()
   for method in METHODS:
@@ -29,7 +36,6 @@ def add_methods(config, model):
 
 def get_config():
   config = takd_default.get_config()
-  config.kd.temperature = 3.0
-  config.kd.kd_weight = 0.5
+  set_exit_distillation(config, temperature=3.0, kd_weight=0.5)
   add_methods(config, 'multi_exit_resnet8')
   return config

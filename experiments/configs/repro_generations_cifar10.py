@@ -15,7 +15,7 @@ them (an earlier 5-epoch run of this config measured 65.86 / 66.44 / 66.22 % for
 the tolerant lineage is compared with it; the tolerant lineage, the paper's method, goes on to
 generation 2. Both cuts are for time (below).
 
-Three independent lineages (`teacher_replica='matching'`): lineage r (seed r) trains its own
+Three independent lineages (`teacher_source.replica='matching'`): lineage r (seed r) trains its own
 patriarch and every generation of it learns from lineage r's previous one, so generations pair by
 seed. 5,000 training images are held out for validation; nothing is selected on the test set.
 
@@ -47,7 +47,7 @@ def get_config():
   config.data.augment.enabled = True
   config.data.validation_size = 5000
   config.num_replicas = 3
-  config.kd.teacher_replica = 'matching'
+  config.teacher_source.replica = 'matching'
   config.train.epochs = 3
   config.train.lr_boundaries = (2 / 3,)  # ×0.1 after epoch 2.
   config.train.weight_decay = 1e-4

@@ -34,8 +34,7 @@ def get_config():
   config.train.epochs = 6
   config.train.weight_decay = 1e-4
   config.train.checkpoint_every_steps = 100
-  config.kd.temperature = 3.0
-  config.kd.kd_weight = 0.5
+  mate_default.set_exit_distillation(config, temperature=3.0, kd_weight=0.5)
   mate_default.add_methods(config, MODEL)
   return config
 

@@ -30,8 +30,8 @@ def get_config():
   config.train.learning_rate = 0.01
   config.train.weight_decay = 1e-4
 
-  config.kd.temperature = 5.0
-  config.kd.kd_weight = 0.5
+  config.losses.kd.temperature = 5.0
+  config.losses.kd.kd_weight = 0.5
 
   takd_default.set_chain_models(config, 'plain_cnn_10', 'plain_cnn_4', 'plain_cnn_2')
   return config

@@ -9,19 +9,25 @@ the 8- and 10-layer nets have four max-pools, too many for 8×8 images). Run wit
 import ml_collections
 
 
-def stage(model, loss='ce', teacher='', num_replicas=0, train=None, **kd_overrides):
+def stage(model, loss='ce', teacher='', num_replicas=0, train=None, teachers=None,
+          teacher_source=None, **loss_kw):
   """One stage: train `model` with `loss`, distilling from the stage named `teacher` if any.
 
-  `train`: per-stage overrides of `config.train` (e.g. `{'epochs': 5}`); `kd_overrides`: of
-  `config.kd`.
+  `loss_kw`: the loss's own settings for this stage, over `config.losses.<loss>` (e.g.
+  `stage('plain_cnn_2', 'kd', teacher='teacher', temperature=2.0)`); `teachers`: several
+  teachers with weights, `{'teacher': 0.5, 'assistant': 0.5}`, instead of one `teacher` (for
+  loss 'multi_teacher_kd'); `train` and `teacher_source`: per-stage overrides of those blocks
+  (e.g. `train={'epochs': 5}`).
   """
   s = ml_collections.ConfigDict()
-  s.model = model
-  s.loss = loss          # 'ce' (no teacher), 'kd' (Hinton KD, TAKD Eq. 2) or 'noisy_l2'.
+  s.model = model        # a name in kdjax.models.MODELS, or an import path 'pkg.module:Class'.
+  s.loss = loss          # a name in kdjax.stage_losses.LOSSES: 'ce', 'kd', 'noisy_l2', ...
+  s.loss_kw = ml_collections.ConfigDict(loss_kw)
   s.teacher = teacher    # name of an earlier stage; '' for none.
+  s.teachers = ml_collections.ConfigDict(teachers or {})
   s.num_replicas = num_replicas  # models trained at once; 0: config.num_replicas.
   s.train = ml_collections.ConfigDict(train or {})
-  s.kd = ml_collections.ConfigDict(kd_overrides)  # per-stage overrides of config.kd.
+  s.teacher_source = ml_collections.ConfigDict(teacher_source or {})
   return s
 
 
@@ -69,29 +75,41 @@ def get_config():
   # faster on CPU under XLA's default options, see experiments/bench). Same variables either way.
   config.model.conv = 'xla'
 
-  # Knowledge-distillation hyper-parameters shared by every 'kd' stage (a stage may override).
-  config.kd = ml_collections.ConfigDict()
-  config.kd.temperature = 4.0
-  config.kd.kd_weight = 0.9
-  config.kd.kl_reduction = 'batchmean'  # paper; 'elementwise_mean' = official code's KLDivLoss().
-  # Tolerance (Yang et al. 2018): eta < 1 replaces CE by eta·CE + (1 − eta)·TSD.
-  config.kd.eta = 1.0
-  config.kd.tsd_k = 5
-  config.kd.tsd_scores = 'softmax'     # or 'logits'.
-  # Noisy teachers (Sau & Balasubramanian 2016), for loss 'noisy_l2'.
-  config.kd.noise_alpha = 0.0          # probability that an example's teacher logits are noised.
-  config.kd.noise_sigma = 0.0          # std of the multiplicative noise xi.
-  config.kd.noise_ce_weight = 0.0      # weight of the classification term mixed with the L2.
-  # With replicas: 'first' (every student learns from the teacher stage's replica 0, one shared
-  # forward) or 'matching' (student replica r from teacher replica r: independent lineages).
-  config.kd.teacher_replica = 'first'
-  config.kd.noise_on = 'teacher'       # paper; 'student': the same noise on the student's logits.
-  # MATE (Sun et al. 2024): weight of an exit's own ensemble teacher; the rest share 1 − it.
-  config.kd.primary_weight = 0.6
-  # The teacher's cost (TAKD trains without augmentation, so its logits never change): with
-  # augmentation off they are computed once per stage and cached on device.
-  config.kd.cache_teacher_logits = True
-  config.kd.teacher_dtype = 'float32'  # or 'bfloat16': the teacher's forward pass in bf16.
+  # Each loss's settings, shared by every stage that uses that loss (a stage's loss_kw overrides
+  # them); the losses and what each setting means: kdjax/stage_losses/.
+  config.losses = ml_collections.ConfigDict()
+  config.losses.ce = dict(
+      eta=1.0,                 # tolerance (Yang et al. 2018): eta < 1 is eta·CE + (1 − eta)·TSD,
+      tsd_k=5,                 # over the true class and the tsd_k − 1 best others,
+      tsd_scores='softmax')    # on probabilities ('logits': on raw scores).
+  config.losses.kd = dict(
+      temperature=4.0, kd_weight=0.9,  # TAKD Eq. 2: (1 − λ)·CE + λ·T²·KL(teacher ‖ student).
+      kl_reduction='batchmean',        # paper; 'elementwise_mean' = official code's KLDivLoss().
+      eta=1.0, tsd_k=5, tsd_scores='softmax')  # a tolerant classification term, as for 'ce'.
+  # Noisy teachers (Sau & Balasubramanian 2016): regress teacher logits noised with probability
+  # noise_alpha by (1 + xi), xi ~ N(0, noise_sigma²); noise_on='student' noises the student's.
+  config.losses.noisy_l2 = dict(noise_alpha=0.0, noise_sigma=0.0, noise_on='teacher',
+                                noise_ce_weight=0.0, eta=1.0, tsd_k=5, tsd_scores='softmax')
+  # Several teachers for one student: the KL from their weighted mixture ('probabilities'), from
+  # their weighted mean logits ('logits', as KD_Lib averages), or the weighted sum of KLs.
+  config.losses.multi_teacher_kd = dict(temperature=4.0, kd_weight=0.9, kl_reduction='batchmean',
+                                        combine='probabilities', eta=1.0, tsd_k=5,
+                                        tsd_scores='softmax')
+  # Multi-exit self-distillation; MATE (Sun et al. 2024): primary_weight is an exit's own
+  # ensemble teacher's weight, the others share 1 − it.
+  config.losses.byot = dict(temperature=4.0, kd_weight=0.9)
+  config.losses.exit_ensemble = dict(temperature=4.0, kd_weight=0.9)
+  config.losses.mate = dict(temperature=4.0, kd_weight=0.9, primary_weight=0.6)
+
+  # How teachers run. replica: with replicas, 'first' (every student learns from the teacher
+  # stage's replica 0, one shared forward) or 'matching' (student replica r from teacher replica
+  # r: independent lineages). cache_logits: with augmentation off (TAKD trains without it, so the
+  # teacher's logits never change) they are computed once per stage and cached on device.
+  # dtype: 'float32' or 'bfloat16' (the teacher's forward pass in bf16).
+  config.teacher_source = ml_collections.ConfigDict()
+  config.teacher_source.replica = 'first'
+  config.teacher_source.cache_logits = True
+  config.teacher_source.dtype = 'float32'
 
   config.stages = ml_collections.ConfigDict()
   config.stages.teacher = stage('plain_cnn_6')

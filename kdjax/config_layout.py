@@ -1,0 +1,143 @@
+"""The config's layout: how a stage's effective settings are read from it, and the earlier layout.
+
+A config (an `ml_collections.ConfigDict`, see `experiments/configs/takd_default.py`) has global
+blocks and `stages`:
+
+  seed, data, train, model      as in flax's examples (`train` is every stage's default)
+  losses.<loss name>            that loss's settings, shared by every stage that uses it
+  teacher_source                how teachers run: `replica` ('first' | 'matching'),
+                                `cache_logits` (bool), `dtype` ('float32' | 'bfloat16')
+  num_replicas                  students trained at once per stage (a stage may set its own)
+  stages.<name>                 model, loss, loss_kw, teacher | teachers, num_replicas, train,
+                                teacher_source (the last three override the global blocks)
+
+A stage's loss is named with its own settings, in big_vision's manner: `loss = 'kd'`,
+`loss_kw = {'temperature': 2.0}` over `losses.kd` over the loss's defaults
+(`kdjax.stage_losses`). `teacher` names one earlier stage; `teachers = {'teacher': 0.5,
+'ta8': 0.5}` several, with weights.
+
+Layout 1 (kdjax before the plan/run split) had one `kd` block of 16 keys that mixed every loss's
+hyper-parameters with the teacher's execution settings. `upgrade_layout` reads it into this
+layout, so that configs and recorded runs written for it keep working.
+"""
+
+import copy
+import json
+from typing import Dict, List
+
+import ml_collections
+
+from kdjax import stage_losses
+from kdjax.errors import KdjaxError
+
+STAGE_KEYS = ('model', 'loss', 'loss_kw', 'teacher', 'teachers', 'num_replicas', 'train',
+              'teacher_source')
+TEACHER_SOURCE_DEFAULTS = {'replica': 'first', 'cache_logits': True, 'dtype': 'float32'}
+# Settings that change how a run is shown or cached, never what it computes.
+RUNTIME_ONLY_KEYS = ('progress_bar', 'compilation_cache_dir')
+# Layout 1's teacher settings in `kd`, by their name in `teacher_source`.
+_LAYOUT1_TEACHER_KEYS = {'teacher_replica': 'replica', 'cache_teacher_logits': 'cache_logits',
+                         'teacher_dtype': 'dtype'}
+
+
+def is_layout1(settings) -> bool:
+  return 'kd' in settings and 'losses' not in settings
+
+
+def upgrade_layout(settings: dict) -> dict:
+  """A layout-1 config dict (one `kd` block) in the current layout; other dicts unchanged.
+
+  `kd`'s teacher keys become `teacher_source`; its other keys become every loss's `losses.<name>`
+  block (each loss takes the keys it has: layout 1 applied them to every stage); a stage's `kd`
+  overrides become its `teacher_source` and `loss_kw` (the keys its loss has; the others had no
+  effect on it).
+  """
+  if not is_layout1(settings):
+    return settings
+  settings = copy.deepcopy(settings)
+  kd = settings.pop('kd') or {}
+  settings['teacher_source'] = {new: kd[old] for old, new in _LAYOUT1_TEACHER_KEYS.items()
+                                if old in kd}
+  settings['losses'] = {name: {k: kd[k] for k in stage_losses.default_settings(name) if k in kd}
+                        for name in stage_losses.LOSSES}
+  for stage in (settings.get('stages') or {}).values():
+    overrides = stage.pop('kd', None) or {}
+    stage['teacher_source'] = {new: overrides[old] for old, new in _LAYOUT1_TEACHER_KEYS.items()
+                               if old in overrides}
+    own = (stage_losses.default_settings(stage['loss'])
+           if stage.get('loss') in stage_losses.LOSSES else {})
+    stage['loss_kw'] = {k: v for k, v in overrides.items() if k in own}
+    stage.setdefault('teachers', {})
+  return settings
+
+
+def stage_settings(config, name: str) -> ml_collections.ConfigDict:
+  """The stage's effective settings: every global default with the stage's overrides applied.
+
+  Returns `{name, model, loss, loss_kw, teachers: {stage: weight}, num_replicas (>= 1), train,
+  teacher_source}`; `loss_kw` is complete (the loss's defaults, `losses.<loss>`, `loss_kw`).
+  """
+  stage = config.stages[name]
+  merged = ml_collections.ConfigDict()
+  merged.name = name
+  merged.model = stage.get('model')
+  merged.loss = stage.get('loss')
+  merged.teachers = _teacher_weights(stage, name)
+  # 0 or absent: config.num_replicas. A teacher trained once under students trained N times
+  # saves N − 1 teacher trainings when only the students' spread is reported.
+  merged.num_replicas = stage.get('num_replicas') or config.get('num_replicas')
+  merged.train = _merged(config.get('train') or {}, stage.get('train'), name, 'train')
+  merged.teacher_source = _merged({**TEACHER_SOURCE_DEFAULTS,
+                                   **dict(config.get('teacher_source') or {})},
+                                  stage.get('teacher_source'), name, 'teacher_source')
+  loss_kw = {}
+  if merged.loss in stage_losses.LOSSES:
+    shared = dict((config.get('losses') or {}).get(merged.loss) or {})
+    loss_kw = {**stage_losses.default_settings(merged.loss), **shared,
+               **dict(stage.get('loss_kw') or {})}
+  merged.loss_kw = ml_collections.ConfigDict(loss_kw)
+  return merged
+
+
+def _teacher_weights(stage, name: str) -> Dict[str, float]:
+  one, several = stage.get('teacher') or '', dict(stage.get('teachers') or {})
+  if one and several:
+    raise KdjaxError(f"stage '{name}' sets both teacher '{one}' and teachers {several}; name one "
+                     'teacher with `teacher`, or several with weights in `teachers`.')
+  return {one: 1.0} if one else several
+
+
+def _merged(defaults, overrides, name: str, block: str) -> ml_collections.ConfigDict:
+  merged = ml_collections.ConfigDict(dict(defaults))
+  for key, value in dict(overrides or {}).items():
+    if key not in merged:
+      raise KdjaxError(f"stage '{name}': unknown {block} setting '{key}'; valid ones are: "
+                       f"{', '.join(sorted(merged.keys()))}.")
+    merged[key] = value
+  return merged
+
+
+def effective_settings(config) -> dict:
+  """What a run computes, as a plain dict: two configs that compute the same run give equal dicts.
+
+  Global `losses`, `teacher_source`, `num_replicas` and `train` are folded into each stage's
+  effective settings (`stage_settings`), so a setting no stage uses does not count, and a setting
+  written out at its default counts the same as one left out. Display-only keys are dropped.
+  """
+  settings = upgrade_layout(_as_dict(config))
+  config = ml_collections.ConfigDict(settings)
+  folded = ('stages', 'losses', 'teacher_source', 'num_replicas', 'train', *RUNTIME_ONLY_KEYS)
+  result = {k: v for k, v in settings.items() if k not in folded}
+  result['stages'] = {name: stage_settings(config, name).to_dict()
+                      for name in (settings.get('stages') or {})}
+  return json.loads(json.dumps(result))  # tuples as lists, as config.json records them.
+
+
+def _as_dict(config) -> dict:
+  if isinstance(config, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+    return json.loads(config.to_json_best_effort())
+  return copy.deepcopy(config)
+
+
+def stage_names(config) -> List[str]:
+  return list((config.get('stages') or {}).keys())

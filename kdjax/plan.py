@@ -1,0 +1,343 @@
+"""Plan, then run: a config and its dataset resolved once into one frozen `StagePlan` per stage.
+
+`plan(config, data_info, num_devices)` makes every check a run needs (the config's values, its
+stage graph, the data and the devices) and resolves every default, with no compile and no
+writes, so a mistake is reported before anything is trained or written. The training loop
+(`kdjax.experiment.run_stage`) only reads the plan.
+"""
+
+import dataclasses
+from typing import Callable, Dict, List, Optional, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from kdjax import config_layout
+from kdjax import models
+from kdjax import stage_losses
+from kdjax import train
+from kdjax.errors import KdjaxError
+
+TEACHER_DTYPES = ('float32', 'bfloat16')
+TEACHER_REPLICA = ('first', 'matching')
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+  """What planning needs to know of a dataset (nothing is loaded on device)."""
+  name: str
+  num_train: int
+  num_classes: int
+  image_shape: Tuple[int, ...]
+  has_validation: bool = False
+
+  @classmethod
+  def of(cls, dataset) -> 'DataInfo':
+    return cls(dataset.name, int(len(dataset.x_train)), int(dataset.num_classes),
+               tuple(dataset.image_shape), dataset.x_val is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPlan:
+  epochs: int
+  batch_size: int
+  eval_batch_size: int
+  steps_per_epoch: int  # the last partial batch is dropped, as usual.
+  checkpoint_every_steps: int  # 0: at the end of each epoch only.
+  checkpoints_to_keep: int
+  skip_nonfinite: bool  # nan_policy 'skip': a non-finite step is dropped, not fatal.
+  schedule: Callable = dataclasses.field(compare=False, repr=False)
+  optimizer: optax.GradientTransformation = dataclasses.field(compare=False, repr=False)
+
+  @property
+  def total_steps(self) -> int:
+    return self.epochs * self.steps_per_epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherPlan:
+  """One teacher: an earlier stage of this run, its module built with the teacher dtype."""
+  stage: str
+  weight: float
+  model: nn.Module
+  num_replicas: int   # how many models that stage trained (its checkpoint's stacking).
+  per_replica: bool   # student replica r learns from that stage's replica r.
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSourcePlan:
+  teachers: Tuple[TeacherPlan, ...] = ()
+  ensemble: bool = False      # the loss learns from several teachers: logits on a [K] axis.
+  cache_logits: bool = False  # computed once per stage (only without augmentation).
+  per_replica: bool = False
+
+  @property
+  def names(self) -> str:
+    return '+'.join(t.stage for t in self.teachers)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  enabled: bool
+  crop_padding: int
+  flip: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+  name: str
+  model_name: str
+  model: nn.Module
+  loss_name: str
+  loss: object          # a `kdjax.stage_losses` object: per-example values, its own settings.
+  teacher: TeacherSourcePlan
+  num_replicas: int     # >= 1 students trained at once.
+  replica_batching: str  # 'vmap' or 'unroll' (resolved from 'auto').
+  seed: int
+  train: TrainPlan
+  augment: Augment
+  evaluators: Tuple[str, ...]  # 'test', and 'validation' when the data holds one out.
+  multi_exit: bool
+  image_shape: Tuple[int, ...]
+  num_classes: int
+
+  @property
+  def replica_axis(self) -> Optional[int]:
+    """The size of the students' stacked axis, or None for one student (no axis)."""
+    return self.num_replicas if self.num_replicas > 1 else None
+
+  @property
+  def seeds(self) -> List[int]:
+    return [self.seed + r for r in range(self.num_replicas)]
+
+
+def plan(config: ml_collections.ConfigDict, data: DataInfo, num_devices: int = 1,
+         backend: str = 'cpu') -> List[StagePlan]:
+  """Every stage of `config`, checked and resolved, in the order to run them (teachers first)."""
+  _check_globals(config)
+  order = stage_order(config)
+  settings = {name: config_layout.stage_settings(config, name) for name in order}
+  for name in config.get('losses') or {}:  # a typo in an unused loss's block is still a typo.
+    several = name in stage_losses.LOSSES and stage_losses.LOSSES[name].several_teachers
+    _loss(name, dict(config.losses[name]), 'config.losses', data.num_classes,
+          (1.0,) if several else ())  # a stand-in teacher: the weights are the stages'.
+  batching = config.replica_batching
+  if batching == 'auto':
+    batching = 'unroll' if backend == 'cpu' else 'vmap'
+  plans: Dict[str, StagePlan] = {}
+  for name in order:
+    plans[name] = _stage_plan(config, settings, name, plans, data, num_devices, batching)
+  return [plans[name] for name in order]
+
+
+def _check_globals(config) -> None:
+  if not config.get('stages') or not config.stages.keys():
+    raise KdjaxError('config.stages is empty; define at least one stage.')
+  if config.get('replica_batching') not in train.REPLICA_BATCHING:
+    raise KdjaxError(f"unknown replica_batching '{config.get('replica_batching')}'; choose one "
+                     f"of: {', '.join(train.REPLICA_BATCHING)}.")
+  replicas = config.get('num_replicas')
+  if not _is_int(replicas) or replicas < 1:
+    raise KdjaxError(f'config.num_replicas must be an integer >= 1 (students trained at once), '
+                     f'got {replicas!r}.')
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def stage_order(config) -> List[str]:
+  """The stages' graph checked, and the order to run them in.
+
+  `config.stage_order` if given (it must list every stage, teachers first); otherwise teachers
+  before their students, ties broken by name.
+  """
+  names = config_layout.stage_names(config)
+  teachers = {}
+  for name in names:
+    stage = config.stages[name]
+    unknown = set(stage.keys()) - set(config_layout.STAGE_KEYS)
+    if unknown:
+      raise KdjaxError(f"stage '{name}': unknown keys {sorted(unknown)}; a stage has: "
+                       f"{', '.join(config_layout.STAGE_KEYS)}.")
+    teachers[name] = list(config_layout.stage_settings(config, name).teachers)
+    for teacher in teachers[name]:
+      if teacher == name:
+        raise KdjaxError(f"stage '{name}' is its own teacher; a teacher must be an earlier "
+                         'stage.')
+      if teacher not in names:
+        raise KdjaxError(f"stage '{name}': teacher '{teacher}' is not a stage of this config; "
+                         f"stages are: {', '.join(names)}.")
+  requested = list(config.get('stage_order') or ())
+  if requested:
+    if sorted(requested) != sorted(names):
+      raise KdjaxError(f'config.stage_order {requested} must list every stage exactly once; '
+                       f'the stages are: {", ".join(names)}.')
+    for position, name in enumerate(requested):
+      for teacher in teachers[name]:
+        if teacher not in requested[:position]:
+          raise KdjaxError(f"stage '{name}' has teacher '{teacher}', which is not an earlier "
+                           'stage in config.stage_order; move the teacher before its student.')
+    return requested
+  order, done = [], set()
+  while len(order) < len(names):
+    ready = sorted(n for n in names if n not in done and set(teachers[n]) <= done)
+    if not ready:
+      cycle = sorted(set(names) - done)
+      raise KdjaxError(f'the stages {cycle} are teachers of each other in a cycle; every '
+                       'teacher must be a stage that can finish before its student starts.')
+    order.append(ready[0])
+    done.add(ready[0])
+  return order
+
+
+def _loss(name, settings, where, num_classes, teacher_weights=()):
+  try:
+    return stage_losses.get_loss(name, settings, num_classes=num_classes,
+                                 teacher_weights=teacher_weights)
+  except KdjaxError as e:
+    raise KdjaxError(f'{where}: {e}') from None
+
+
+def _stage_plan(config, settings, name, earlier, data: DataInfo, num_devices, batching):
+  stage = settings[name]
+  where = f"stage '{name}'"
+  model = _model(config, stage.model, data, where)
+  multi_exit = models.is_multi_exit(model)
+  if stage.loss not in stage_losses.LOSSES:
+    raise KdjaxError(f"{where}: unknown loss '{stage.loss}'; choose one of: "
+                     f"{', '.join(stage_losses.LOSSES)}.")
+  loss_class = stage_losses.LOSSES[stage.loss]
+  loss = _loss(stage.loss, stage.loss_kw.to_dict(), where, data.num_classes,
+               tuple(stage.teachers.values()) if loss_class.several_teachers else ())
+  _check_loss_fits(where, stage, loss_class, multi_exit, earlier)
+  own_replicas = config.stages[name].get('num_replicas', 0)
+  if not _is_int(own_replicas) or own_replicas < 0:
+    raise KdjaxError(f"{where}: num_replicas must be an integer >= 1, or 0 for "
+                     f'config.num_replicas; got {own_replicas!r}.')
+  train_plan = _train_plan(stage.train, stage.model, data, num_devices, where)
+  augment = Augment(bool(config.data.augment.enabled), int(config.data.augment.crop_padding),
+                    bool(config.data.augment.flip))
+  teacher = _teacher_source_plan(config, stage, earlier, data, augment, where)
+  evaluators = ('test', 'validation') if data.has_validation else ('test',)
+  return StagePlan(
+      name=name, model_name=stage.model, model=model, loss_name=stage.loss, loss=loss,
+      teacher=teacher, num_replicas=stage.num_replicas, replica_batching=batching,
+      seed=config.seed, train=train_plan, augment=augment, evaluators=evaluators,
+      multi_exit=multi_exit, image_shape=data.image_shape, num_classes=data.num_classes)
+
+
+def _model(config, name, data: DataInfo, where, dtype=jnp.float32) -> nn.Module:
+  try:
+    models.check_model_name(name)
+  except KdjaxError as e:
+    raise KdjaxError(f'{where}: {e}') from None
+  model = models.get_model(name, data.num_classes, dtype=dtype,
+                           shortcut=config.model.resnet_shortcut, conv=config.model.conv)
+  models.variable_shapes(model, data.image_shape)  # raises if the images are too small.
+  return model
+
+
+def _check_loss_fits(where, stage, loss_class, multi_exit, earlier) -> None:
+  teachers = list(stage.teachers)
+  if multi_exit != loss_class.multi_exit:
+    exit_losses = [n for n, c in stage_losses.LOSSES.items() if c.multi_exit]
+    raise KdjaxError(
+        f"{where}: model '{stage.model}' and loss '{stage.loss}' do not fit: the multi-exit "
+        f"losses ({', '.join(exit_losses)}) need a multi-exit model (multi_exit_*) and a "
+        'multi-exit model needs one of them.')
+  if multi_exit and teachers:
+    raise KdjaxError(f'{where}: a multi-exit stage teaches itself; clear its teacher.')
+  for teacher in teachers:
+    if earlier[teacher].multi_exit:
+      raise KdjaxError(f"{where}: teacher '{teacher}' is a multi-exit model; use a "
+                       'single-exit stage as a teacher.')
+  if loss_class.needs_teacher and not teachers:
+    raise KdjaxError(f"{where} uses loss '{stage.loss}' but names no teacher; set "
+                     f"--config.stages.{stage.name}.teacher to an earlier stage, or use loss "
+                     "'ce'.")
+  if not loss_class.needs_teacher and teachers:
+    raise KdjaxError(f"{where} names teacher '{'+'.join(teachers)}' but its loss "
+                     f"'{stage.loss}' ignores it; use a distillation loss or clear the teacher.")
+  if len(teachers) > 1 and not loss_class.several_teachers:
+    several = [n for n, c in stage_losses.LOSSES.items() if c.several_teachers]
+    raise KdjaxError(f"{where} names {len(teachers)} teachers but loss '{stage.loss}' learns "
+                     f"from one; use {', '.join(several)} to learn from several.")
+
+
+def _train_plan(t, model_name, data: DataInfo, num_devices, where) -> TrainPlan:
+  checks = [
+      (_is_int(t.epochs) and t.epochs >= 1, f'epochs must be an integer >= 1, got {t.epochs!r}'),
+      (_is_int(t.batch_size) and t.batch_size >= 1,
+       f'batch_size must be an integer >= 1, got {t.batch_size!r}'),
+      (t.learning_rate > 0, f'learning_rate must be > 0, got {t.learning_rate}'),
+      (t.lr_schedule in train.LR_SCHEDULES,
+       f"unknown lr_schedule '{t.lr_schedule}'; choose one of: {', '.join(train.LR_SCHEDULES)}"),
+      (all(0 < b < 1 for b in t.lr_boundaries),
+       f'lr_boundaries are fractions of training in (0, 1), got {tuple(t.lr_boundaries)}'),
+      (0 <= t.momentum < 1, f'momentum must lie in [0, 1), got {t.momentum}'),
+      (t.weight_decay >= 0, f'weight_decay must be >= 0, got {t.weight_decay}'),
+      (t.checkpoint_every_steps >= 0, 'checkpoint_every_steps must be >= 0 (0: every epoch)'),
+      (t.checkpoints_to_keep >= 1, 'checkpoints_to_keep must be >= 1'),
+      (t.nan_policy in ('stop', 'skip'),
+       f"nan_policy must be 'stop' or 'skip', got {t.nan_policy!r}"),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise KdjaxError(f'{where}: {message}.')
+  for setting in ('batch_size', 'eval_batch_size'):
+    if t[setting] % num_devices:
+      raise KdjaxError(
+          f'{where}: {setting} {t[setting]} does not split evenly over the {num_devices} devices '
+          f'of the data-parallel mesh; use a multiple of {num_devices} (the global batch is '
+          f'divided into {num_devices} equal shards).')
+  if t.batch_size > data.num_train:
+    raise KdjaxError(f'{where}: batch_size {t.batch_size} exceeds the {data.num_train} training '
+                     'images; lower --config.train.batch_size.')
+  steps_per_epoch = data.num_train // t.batch_size
+  schedule = train.learning_rate_schedule(t, steps_per_epoch, model_name)
+  return TrainPlan(
+      epochs=t.epochs, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
+      steps_per_epoch=steps_per_epoch, checkpoint_every_steps=t.checkpoint_every_steps,
+      checkpoints_to_keep=t.checkpoints_to_keep, skip_nonfinite=t.nan_policy == 'skip',
+      schedule=schedule, optimizer=train.make_optimizer(t, schedule))
+
+
+def _teacher_source_plan(config, stage, earlier, data, augment: Augment, where):
+  source = stage.teacher_source
+  checks = [
+      (source.dtype in TEACHER_DTYPES,
+       f"unknown teacher_source.dtype '{source.dtype}'; choose one of: "
+       f"{', '.join(TEACHER_DTYPES)}"),
+      (source.replica in TEACHER_REPLICA,
+       f"unknown teacher_source.replica '{source.replica}'; choose one of: "
+       f"{', '.join(TEACHER_REPLICA)}"),
+      (isinstance(source.cache_logits, bool),
+       f'teacher_source.cache_logits must be True or False, got {source.cache_logits!r}'),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise KdjaxError(f'{where}: {message}.')
+  if not stage.teachers:
+    return TeacherSourcePlan()
+  for weight in stage.teachers.values():
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+      raise KdjaxError(f'{where}: teacher weights must be numbers > 0, got '
+                       f'{dict(stage.teachers)}.')
+  per_replica = source.replica == 'matching'
+  teachers = []
+  for name, weight in stage.teachers.items():
+    theirs = earlier[name].num_replicas
+    if per_replica and (stage.num_replicas < 2 or stage.num_replicas != theirs):
+      raise KdjaxError(
+          f"{where}: teacher_source.replica 'matching' pairs student replica r with teacher "
+          f"replica r, so both need the same number of replicas (>= 2); this stage has "
+          f"{stage.num_replicas} and its teacher '{name}' {theirs}. Set their num_replicas "
+          "equal, or use replica 'first'.")
+    model = _model(config, earlier[name].model_name, data, where, jnp.dtype(source.dtype))
+    teachers.append(TeacherPlan(name, float(weight), model, theirs, per_replica))
+  return TeacherSourcePlan(
+      teachers=tuple(teachers), ensemble=stage_losses.LOSSES[stage.loss].several_teachers,
+      cache_logits=source.cache_logits and not train.augments(augment), per_replica=per_replica)
