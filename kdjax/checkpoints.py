@@ -98,17 +98,24 @@ def restore_latest_good(mgr, abstract_state, where: str) -> Tuple[Optional[int],
 
 
 def _quarantine(mgr, steps, where: str) -> None:
-  """Moves damaged checkpoints aside (kept for inspection) so the resumed stage can save anew."""
+  """Moves damaged checkpoints aside (kept for inspection) so the resumed stage can save anew.
+
+  With several processes, process 0 moves them and the others wait for it before reloading.
+  """
   if not steps:
     return
-  aside = os.path.join(os.path.dirname(str(mgr.directory)), 'damaged_checkpoints')
-  os.makedirs(aside, exist_ok=True)
-  for step in steps:
-    target = os.path.join(aside, f'{step}')
-    if os.path.exists(target):
-      shutil.rmtree(target)
-    shutil.move(os.path.join(str(mgr.directory), str(step)), target)
-  print(f'[{where}] moved damaged checkpoints {steps} to {aside}.')
+  if jax.process_index() == 0:
+    aside = os.path.join(os.path.dirname(str(mgr.directory)), 'damaged_checkpoints')
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      target = os.path.join(aside, f'{step}')
+      if os.path.exists(target):
+        shutil.rmtree(target)
+      shutil.move(os.path.join(str(mgr.directory), str(step)), target)
+    print(f'[{where}] moved damaged checkpoints {steps} to {aside}.')
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices('kdjax: damaged checkpoints moved')
   mgr.reload()
 
 

@@ -107,10 +107,10 @@ def run_stage(plan: planning.StagePlan, workdir: str, splits: Splits,
     wall_s = lambda: wall_s_before + time.perf_counter() - start
     state = parallel.put_replicated(state, mesh)
     metrics_file = workdirs.metrics_path(workdir, name)
-    workdirs.truncate_metrics(metrics_file, _step_of(state) // t.steps_per_epoch)
+    history = workdirs.resumed_metrics(metrics_file, _step_of(state) // t.steps_per_epoch)
     teacher = teachers.make_source(plan, workdir, splits.train, normalization, mesh)
-    train_step, eval_step, take_batch, compile_s = compile_steps(
-        plan, state, teacher, splits.train, normalization, mesh)
+    train_step, eval_step, compile_s = compile_steps(plan, state, teacher, splits.train,
+                                                     normalization, mesh)
     augment_keys = _replica_keys(plan, 'augment')
     step = _step_of(state)
     progress = _progress_bar(progress_bar, name, t.total_steps, step)
@@ -121,8 +121,9 @@ def run_stage(plan: planning.StagePlan, workdir: str, splits: Splits,
         epoch, position = divmod(step, t.steps_per_epoch)
         if permutation is None or position == 0:
           permutation = _epoch_permutation(plan, epoch, splits.train.labels.shape[0])
-        state, step_metrics = train_step(state, teacher, splits.train,
-                                         take_batch(permutation, position), augment_keys)
+        batch = parallel.global_batch(
+            permutation[position * t.batch_size:(position + 1) * t.batch_size], mesh)
+        state, step_metrics = train_step(state, teacher, splits.train, batch, augment_keys)
         step += 1
         epoch_metrics.append(step_metrics)
         unchecked.append(step_metrics)
@@ -132,26 +133,27 @@ def run_stage(plan: planning.StagePlan, workdir: str, splits: Splits,
         if end_of_epoch:
           _check_finite(unchecked, name, step, plan.loss_name)
           unchecked = []  # checked: the save below need not fetch them again.
-          summary = epoch_summary(plan, eval_step, state, splits, epoch_metrics, step,
+          summary = epoch_summary(plan, eval_step, state, splits, mesh, epoch_metrics, step,
                                   epoch_images / (time.perf_counter() - epoch_start),
                                   time.perf_counter() - epoch_start)
+          history.append(summary)
           workdirs.append_metrics(metrics_file, summary)
           progress.set_postfix(loss=f"{summary['train_loss']:.3f}",
                                test_acc=f"{np.mean(summary['test_accuracy']):.3f}")
           epoch_metrics, epoch_start, epoch_images = [], time.perf_counter(), 0
         periodic = t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0
-        if step < t.total_steps and (end_of_epoch or periodic or preempted()):
+        if step < t.total_steps and (end_of_epoch or periodic or preempted(step)):
           _check_finite(unchecked, name, step, plan.loss_name)  # never checkpoint a NaN state.
           unchecked = []
           save_checkpoint(manager, state, final=False, wall_s=wall_s())
-        if preempted() and step < t.total_steps:
+        if preempted(step) and step < t.total_steps:
           progress.close()
           raise Preempted(f"[{name}] stopped by SIGTERM at step {step}; checkpoint saved in "
                           f"{workdirs.stage_dir(workdir, name)}. Re-run the same command to "
                           'resume.')
     progress.close()
     _check_finite(unchecked, name, step, plan.loss_name)
-    result = stage_result(plan, read_metrics(metrics_file), state, wall_s(), compile_s)
+    result = stage_result(plan, history, state, wall_s(), compile_s)
     save_checkpoint(manager, state, final=True, wall_s=result.wall_s,
                     result=dataclasses.asdict(result))
     return result
@@ -193,30 +195,29 @@ def save_checkpoint(manager, state, *, final: bool, wall_s: float,
 
 
 def compile_steps(plan: planning.StagePlan, state, teacher, train_data, normalization, mesh):
-  """The stage's jitted train step (compiled here, timed), eval step and batch slicer."""
+  """The stage's jitted train step (compiled here, timed) and eval step."""
   t = plan.train
   train_step = train.make_train_step(
       plan.model, plan.loss, plan.augment, normalization, skip_nonfinite=t.skip_nonfinite,
       num_replicas=plan.replica_axis, mesh=mesh, replica_batching=plan.replica_batching)
   eval_step = train.make_eval_step(normalization, num_replicas=plan.replica_axis, mesh=mesh)
-  take_batch = jax.jit(
-      lambda permutation, position: jax.lax.dynamic_slice_in_dim(
-          permutation, position * t.batch_size, t.batch_size),
-      out_shardings=parallel.batch_sharded(mesh))
   compile_start = time.perf_counter()
-  train_step = train_step.lower(state, teacher, train_data, jnp.zeros((t.batch_size,), jnp.int32),
+  train_step = train_step.lower(state, teacher, train_data,
+                                parallel.global_batch(np.zeros(t.batch_size, np.int32), mesh),
                                 _replica_keys(plan, 'augment')).compile()
-  return train_step, eval_step, take_batch, time.perf_counter() - compile_start
+  return train_step, eval_step, time.perf_counter() - compile_start
 
 
-def epoch_summary(plan, eval_step, state, splits: Splits, epoch_metrics, step: int,
+def epoch_summary(plan, eval_step, state, splits: Splits, mesh, epoch_metrics, step: int,
                   images_per_s: float, seconds: float) -> dict:
   """The line `metrics.jsonl` gets for an epoch: training means and every evaluator's metrics."""
   summary = _train_summary(epoch_metrics)
-  summary.update(train.evaluate(eval_step, state, splits.test, plan.train.eval_batch_size))
+  evaluate = lambda split: train.evaluate(eval_step, state, split, plan.train.eval_batch_size,
+                                          mesh)
+  summary.update(evaluate(splits.test))
   if 'validation' in plan.evaluators:
-    summary.update({'val_' + key[len('test_'):]: value for key, value in train.evaluate(
-        eval_step, state, splits.validation, plan.train.eval_batch_size).items()})
+    summary.update({'val_' + key[len('test_'):]: value
+                    for key, value in evaluate(splits.validation).items()})
   summary.update(epoch=step // plan.train.steps_per_epoch, step=step,
                  learning_rate=float(plan.train.schedule(step - 1)),
                  images_per_s=images_per_s, epoch_s=seconds)
@@ -253,9 +254,10 @@ def stage_result(plan: planning.StagePlan, history: List[dict], state, wall_s: f
   return result
 
 
-def _epoch_permutation(plan, epoch: int, num_train: int) -> jax.Array:
+def _epoch_permutation(plan, epoch: int, num_train: int) -> np.ndarray:
+  """The epoch's order of the training set, on the host: every process computes the same one."""
   key = jax.random.fold_in(_stage_key(plan.seed, plan.name, 'shuffle'), epoch)
-  return jax.random.permutation(key, num_train)
+  return np.asarray(jax.random.permutation(key, num_train))
 
 
 def _stage_key(seed: int, stage_name: str, purpose: str) -> jax.Array:
@@ -276,14 +278,32 @@ def _step_of(state) -> int:
 
 @contextlib.contextmanager
 def _preemption_guard():
-  """Turns SIGTERM (a preemption notice) into a flag the training loop polls after each step."""
+  """A `preempted(step)` poll, true once a preemption notice (SIGTERM) has arrived.
+
+  One process: SIGTERM sets a flag the training loop polls after each step. Several processes
+  (`jax.distributed`): JAX's preemption service receives the SIGTERM sent to any of them and
+  `reached_preemption_sync_point(step)` turns true on every process at the same step, so all of
+  them checkpoint that step.
+  """
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    answered = {}
+
+    def sync_point(step: int) -> bool:  # to be called exactly once per step on every process.
+      if step not in answered:
+        answered.clear()
+        answered[step] = multihost_utils.reached_preemption_sync_point(step)
+      return answered[step]
+
+    yield sync_point
+    return
   received = []
   if threading.current_thread() is not threading.main_thread():
-    yield lambda: False  # signals can only be handled on the main thread.
+    yield lambda step: False  # signals can only be handled on the main thread.
     return
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
   try:
-    yield lambda: bool(received)
+    yield lambda step: bool(received)
   finally:
     signal.signal(signal.SIGTERM, previous)
 
@@ -391,8 +411,10 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   print(f'{dataset.name}: {len(dataset.x_train)} train{val} / {len(dataset.x_test)} test images '
         f'of {dataset.image_shape}, {dataset.num_classes} classes; stages: '
         f'{" → ".join(p.name for p in plans)}')
-  rows = [run_stage(p, workdir, splits, normalization, mesh, config.progress_bar)
-          for p in plans]
-  histories = {p.name: read_metrics(workdirs.metrics_path(workdir, p.name)) for p in plans}
-  report.write(workdir, dataset, [dataclasses.asdict(r) for r in rows], histories)
+  progress_bar = config.progress_bar and parallel.is_primary()
+  rows = [run_stage(p, workdir, splits, normalization, mesh, progress_bar) for p in plans]
+  if parallel.is_primary():  # the others computed the same rows; one process writes them.
+    histories = {p.name: read_metrics(workdirs.metrics_path(workdir, p.name)) for p in plans}
+    report.write(workdir, dataset, [dataclasses.asdict(r) for r in rows], histories)
+  workdirs.sync_processes('kdjax: results written')
   return rows

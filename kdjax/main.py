@@ -21,6 +21,14 @@ config_flags.DEFINE_config_file('config', None, 'Path to a config file (get_conf
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and results.')
 flags.DEFINE_bool('overwrite', False, 'Delete an earlier run of a different config in --workdir.')
+flags.DEFINE_bool('distributed', False, 'Run as one of several processes (jax.distributed): the '
+                  'same command on every host; the cluster is detected on Cloud TPU, SLURM and '
+                  'the other environments JAX knows, or given by the three flags below.')
+flags.DEFINE_string('coordinator_address', None, 'With --distributed: host:port of process 0.')
+flags.DEFINE_integer('num_processes', None, 'With --distributed: how many processes in all.')
+flags.DEFINE_integer('process_id', None, 'With --distributed: this process, 0 … num_processes-1.')
+flags.DEFINE_integer('distributed_timeout_s', 60, 'With --distributed: a process silent this long '
+                     'is taken for dead and the others stop (heartbeat and shutdown timeout).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -29,6 +37,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.ERROR)  # Orbax logs every file it writes, and warns on reads.
   import jax
+  if FLAGS.distributed:
+    _join_processes(jax)
   from kdjax import experiment
   from kdjax.errors import KdjaxError, Preempted
 
@@ -49,6 +59,32 @@ def main(argv):
   except Preempted as e:  # checkpoint saved; 143 = 128 + SIGTERM, as if the signal had ended it.
     print(f'kdjax: {e}', file=sys.stderr)
     sys.exit(143)
+  except jax.errors.JaxRuntimeError as e:
+    if not FLAGS.distributed:
+      raise
+    # A collective failed: another process died. Waiting for it at exit (JAX's shutdown barrier)
+    # would only end, after the timeout, in the same verdict and a C++ stack trace.
+    print(f'kdjax: error: another process of this run stopped ({str(e).splitlines()[0][:200]}); '
+          'the checkpoints written so far are kept. Re-run the same command on every host to '
+          'resume.', file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def _join_processes(jax) -> None:
+  """`jax.distributed.initialize`, before any computation; only process 0 prints progress."""
+  timeout = FLAGS.distributed_timeout_s
+  try:
+    jax.distributed.initialize(
+        coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id, initialization_timeout=max(timeout, 60),
+        heartbeat_timeout_seconds=timeout, shutdown_timeout_seconds=timeout)
+  except (RuntimeError, ValueError) as e:
+    print(f'kdjax: error: --distributed could not join the other processes '
+          f"({str(e).splitlines()[0][:300]}); check --coordinator_address, --num_processes and "
+          '--process_id, or run without --distributed.', file=sys.stderr)
+    sys.exit(2)
+  if jax.process_index() != 0:  # the same lines as process 0's; errors still go to stderr.
+    sys.stdout = open(os.devnull, 'w')
 
 
 MALLOC_HUGE_PAGES = 'glibc.malloc.hugetlb=1'

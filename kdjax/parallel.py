@@ -12,12 +12,19 @@ D-way training therefore computes the same function as one device, up to the ord
 This is the mechanism `jax.pmap` itself is now built on, and the one JAX recommends for new code
 ("Distributed arrays and automatic parallelization"); the same step runs unchanged on 1 CPU,
 8 GPUs, or a TPU slice, where `jax.devices()` lists every chip of every host.
+
+Several processes (JAX's multi-controller runtime, `jax.distributed.initialize`): the mesh spans
+every process's devices and every process runs the same program. Host data enters as global
+arrays built from each process's own part (`global_batch`: a process passes only its devices'
+rows of a batch; `put_replicated`: from the process's own copy, with no cross-process equality
+check), never with `device_put` of a host array onto devices of other processes.
 """
 
 from typing import Optional, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
 
 from kdjax.errors import KdjaxError
 
@@ -25,8 +32,13 @@ DATA_AXIS = 'data'
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A one-axis mesh (`'data'`) over `devices` (default: every device JAX sees)."""
-  return Mesh(list(devices if devices is not None else jax.devices()), (DATA_AXIS,))
+  """A one-axis mesh (`'data'`) over `devices` (default: every device of every process).
+
+  Ordered by process, so that each process's devices hold one contiguous block of a batch's rows
+  (what `global_batch` passes for it).
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  return Mesh(sorted(devices, key=lambda d: (d.process_index, d.id)), (DATA_AXIS,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -49,5 +61,42 @@ def check_batch_size(batch_size: int, mesh: Mesh, setting: str = 'batch_size') -
         f'{devices} equal shards).')
 
 
+def is_primary() -> bool:
+  """Whether this is process 0, the one that writes a run's files."""
+  return jax.process_index() == 0
+
+
 def put_replicated(tree, mesh: Mesh):
-  return jax.device_put(tree, replicated(mesh))
+  """Every leaf whole on every device of `mesh`.
+
+  A host value (or a process-local array) is copied from this process's own copy to its own
+  devices (`make_array_from_callback`): every process must hold the same value, which kdjax's
+  callers guarantee (the same data, seeds and programs everywhere), and no cross-process
+  equality check is paid. A global array is resharded by a jitted identity.
+  """
+  sharding = replicated(mesh)
+
+  def put(leaf):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      return jax.jit(lambda x: x, out_shardings=sharding)(leaf)
+    host = np.asarray(leaf)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree_util.tree_map(put, tree)
+
+
+def global_batch(rows, mesh: Mesh) -> jax.Array:
+  """`rows` (`[B, ...]`, the same on every process) as a global array split over the `data` axis.
+
+  Each process passes only the rows its own devices hold
+  (`jax.make_array_from_process_local_data`), so no process puts the whole batch on device.
+  """
+  rows = np.asarray(rows)
+  sharding = batch_sharded(mesh)
+  if jax.process_count() == 1:
+    local = rows
+  else:
+    spans = [index[0].indices(rows.shape[0])[:2]
+             for index in sharding.addressable_devices_indices_map(rows.shape).values()]
+    local = rows[min(start for start, _ in spans):max(stop for _, stop in spans)]
+  return jax.make_array_from_process_local_data(sharding, local, rows.shape)

@@ -298,17 +298,22 @@ def teacher_logits_table(teacher: nn.Module, teacher_variables, data: DeviceData
   logits_fn = logits_fn or make_teacher_logits_fn(teacher, normalization, mesh)
   num = data.labels.shape[0]
   parts = [logits_fn(teacher_variables, data, indices)
-           for indices, _ in _padded_batches(num, batch_size)]
+           for indices, _ in _padded_batches(num, batch_size, mesh)]
   table = jnp.concatenate(parts)[:num]
   return table if mesh is None else parallel.put_replicated(table, mesh)
 
 
-def _padded_batches(num: int, batch_size: int):
+def _padded_batches(num: int, batch_size: int, mesh: Optional[jax.sharding.Mesh] = None):
   """`(indices [batch_size], mask [batch_size])` covering rows `0 … num − 1` in order; the last
-  batch repeats row `num − 1` where `mask` is 0, so every batch has one shape (one compile)."""
+  batch repeats row `num − 1` where `mask` is 0, so every batch has one shape (one compile).
+  With a `mesh`, both are global arrays split over its `data` axis (`parallel.global_batch`)."""
   for start in range(0, num, batch_size):
-    indices = jnp.arange(start, start + batch_size)
-    yield jnp.minimum(indices, num - 1), (indices < num).astype(jnp.float32)
+    indices = np.arange(start, start + batch_size)
+    batch = np.minimum(indices, num - 1).astype(np.int32), (indices < num).astype(np.float32)
+    if mesh is None:
+      yield tuple(jnp.asarray(x) for x in batch)
+    else:
+      yield tuple(parallel.global_batch(x, mesh) for x in batch)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -358,11 +363,11 @@ def make_eval_step(normalization: Normalization, *, num_replicas: Optional[int] 
 
 
 def evaluate(eval_step: Callable, state: TrainState, test_data: DeviceData,
-             batch_size: int) -> dict:
+             batch_size: int, mesh: Optional[jax.sharding.Mesh] = None) -> dict:
   """Test loss and accuracy over a whole device-resident split (lists, one per replica, for a
-  replicated state)."""
+  replicated state). `mesh`: the eval step's mesh (its batches are then global arrays)."""
   totals = None
-  for indices, mask in _padded_batches(test_data.labels.shape[0], batch_size):
+  for indices, mask in _padded_batches(test_data.labels.shape[0], batch_size, mesh):
     sums = eval_step(state, test_data, indices, mask)
     totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
   totals = jax.device_get(totals)

@@ -10,9 +10,11 @@ import os
 import shutil
 from typing import List
 
+import jax
 import ml_collections
 
 from kdjax import config_layout
+from kdjax import parallel
 from kdjax import report
 from kdjax.errors import KdjaxError
 
@@ -34,15 +36,27 @@ def read_metrics(path: str) -> List[dict]:
 
 
 def append_metrics(path: str, summary: dict) -> None:
-  with open(path, 'a') as f:
-    f.write(json.dumps(summary) + '\n')
+  """Adds an epoch's line (process 0 writes; the others computed the same values)."""
+  if parallel.is_primary():
+    with open(path, 'a') as f:
+      f.write(json.dumps(summary) + '\n')
 
 
-def truncate_metrics(path: str, completed_epochs: int) -> None:
-  """Drops lines for epochs after the restored checkpoint, so a resumed run does not repeat them."""
+def resumed_metrics(path: str, completed_epochs: int) -> List[dict]:
+  """The epochs a restored checkpoint covers: later lines are dropped from the file (process 0),
+  so a resumed run neither repeats nor loses an epoch, and returned (every process)."""
   kept = [m for m in read_metrics(path) if m['epoch'] <= completed_epochs]
-  with open(path, 'w') as f:
-    f.writelines(json.dumps(m) + '\n' for m in kept)
+  if parallel.is_primary():
+    with open(path, 'w') as f:
+      f.writelines(json.dumps(m) + '\n' for m in kept)
+  return kept
+
+
+def sync_processes(name: str) -> None:
+  """Waits until every process reaches this point (nothing to wait for with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def experiment_json(config) -> str:
@@ -68,8 +82,17 @@ def claim(config, workdir: str, overwrite: bool) -> None:
 
   A record that differs only in how it is written (the earlier config layout, defaults written
   out or left implicit, a setting no stage uses) is the same experiment: the run continues and
-  the record is brought up to date.
+  the record is brought up to date. With several processes every one reads and judges the
+  record, and process 0 alone writes (or deletes, with `overwrite`) once all have read it.
   """
+  _check_record(config, workdir, overwrite)
+  sync_processes('kdjax: workdir checked')
+  if parallel.is_primary():
+    _write_record(config, workdir, overwrite)
+  sync_processes('kdjax: workdir claimed')
+
+
+def _check_record(config, workdir: str, overwrite: bool) -> None:
   path = os.path.join(workdir, 'config.json')
   wanted = experiment_json(config)
   if os.path.exists(path):
@@ -81,12 +104,20 @@ def claim(config, workdir: str, overwrite: bool) -> None:
             + ('in the earlier config layout (one `kd` block)' if layout1 else 'differently')
             + '; it computes the same run as this config, so the run continues (config.json '
             'rewritten in the current layout).')
-    elif existing != wanted:
-      if not overwrite:
-        raise KdjaxError(
-            f"'{workdir}' holds a run of a different config (see its config.json); kdjax will not "
-            'mix two experiments in one folder. Use another --workdir, re-run with the original '
-            'config to resume, or pass --overwrite to delete that run and start this one.')
+    elif existing != wanted and not overwrite:
+      raise KdjaxError(
+          f"'{workdir}' holds a run of a different config (see its config.json); kdjax will not "
+          'mix two experiments in one folder. Use another --workdir, re-run with the original '
+          'config to resume, or pass --overwrite to delete that run and start this one.')
+
+
+def _write_record(config, workdir: str, overwrite: bool) -> None:
+  path = os.path.join(workdir, 'config.json')
+  wanted = experiment_json(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      existing = f.read()
+    if existing != wanted and not same_experiment(existing, wanted) and overwrite:
       print(f'--overwrite: deleting the earlier run in {workdir}.')
       for entry in ('stages', *report.OUTPUT_FILES):
         target = os.path.join(workdir, entry)
