@@ -27,3 +27,17 @@ def test_committed_results_md_is_rendered_from_results_json(tmp_path):
   load_bench().write_markdown(tmp_path / 'results.md', result)
   with open(os.path.join(BENCH, 'results.md')) as f:
     assert f.read() == (tmp_path / 'results.md').read_text()
+
+
+def test_committed_processes_md_is_rendered_from_processes_json(tmp_path):
+  spec = importlib.util.spec_from_file_location('processes',
+                                                os.path.join(BENCH, 'processes.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  with open(os.path.join(BENCH, 'processes.json')) as f:
+    result = json.load(f)
+  assert [(r['processes'], r['devices_per_process']) for r in result['rows']] == [(1, 2), (2, 1)]
+  assert {'machine', 'versions', 'date', 'command', 'wall_s'} <= set(result)
+  module.write_markdown(tmp_path / 'processes.md', result)
+  with open(os.path.join(BENCH, 'processes.md')) as f:
+    assert f.read() == (tmp_path / 'processes.md').read_text()
