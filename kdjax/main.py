@@ -1,4 +1,6 @@
-"""Command line: `python -m kdjax.main --config=experiments/configs/takd_default.py --workdir=DIR`.
+"""Command line: `kdjax --config=experiments/configs/takd_default.py --workdir=DIR`.
+
+The same as `python -m kdjax` and `python -m kdjax.main`.
 
 Any config value can be overridden, e.g. `--config.train.epochs=3`. A mistake in the config or
 the data prints one message and exits with status 2.
@@ -129,8 +131,37 @@ def parse_flags(argv):
   sys.exit(2)
 
 
-if __name__ == '__main__':
+USAGE = """kdjax: knowledge distillation in JAX/Flax. Trains a config's stages (teachers first) in
+--workdir; the same command again resumes an interrupted run and skips finished stages.
+
+  kdjax --config=experiments/configs/takd_default.py --workdir=runs/takd_default
+  kdjax --config=my_config.py --workdir=runs/mine --config.train.epochs=3 \\
+      --config.losses.kd.temperature=2
+  tensorboard --logdir=runs/mine      # the runs' scalars, per stage
+
+Any config value can be set with --config.KEY=VALUE. Exit status: 0 done, 2 a mistake in the
+config, data or flags (nothing written), 143 stopped by SIGTERM (checkpoint saved).
+"""
+
+
+def _print_help() -> None:
+  print(USAGE)
+  print('Flags:')
+  text = FLAGS.module_help(__name__)  # less its module heading ('__main__:' or 'kdjax.main:').
+  print('\n'.join(line for line in text.splitlines() if line.startswith(' ')))
+  print('\n--helpfull lists absl\'s flags too.')
+
+
+def console():
+  """The `kdjax` command; also `python -m kdjax` and `python -m kdjax.main`."""
   restart_env = malloc_huge_pages_env(os.environ)
   if restart_env is not None:  # the same process (and PID), before anything is allocated.
     os.execve(sys.executable, [sys.executable, '-m', 'kdjax.main', *sys.argv[1:]], restart_env)
+  if {'-h', '--help', '-help', '--helpshort'} & set(sys.argv[1:]):
+    _print_help()
+    sys.exit(0)
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+  console()
