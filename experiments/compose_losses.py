@@ -8,7 +8,8 @@
 #
 #   python experiments/compose_losses.py
 #
-# `tests/example_test.py` executes it.
+# `tests/example_test.py` executes it. The notebook experiments/notebooks/compose_losses.ipynb
+# composes such a loss on bare arrays, checks its gradient, and runs a chain with kdjax's runner.
 
 # %%
 import functools

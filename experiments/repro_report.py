@@ -27,38 +27,13 @@ import os
 import platform
 import shlex
 import sys
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import numpy as np
-from scipy import stats
 
 from kdjax import experiment, report as run_report
-
-HOLDS, REVERSED, WITHIN = 'holds', 'reversed', 'within spread'
-
-
-def paired_comparison(better: Sequence[float], worse: Sequence[float]) -> dict:
-  """Tests "better > worse" on paired values (same seeds, same order); accuracies in [0, 1].
-
-  Returns the differences, their mean and sample std, the 95 % t-interval of the mean, and the
-  verdict: `'holds'` (interval above 0), `'reversed'` (below 0) or `'within spread'`.
-  """
-  better, worse = np.asarray(better, np.float64), np.asarray(worse, np.float64)
-  if better.shape != worse.shape or better.ndim != 1:
-    raise ValueError(f'paired values must be two equal-length lists, got {better.shape} and '
-                     f'{worse.shape}.')
-  diffs = better - worse
-  n = len(diffs)
-  mean = float(diffs.mean())
-  if n < 2:
-    return {'diffs': diffs.tolist(), 'mean': mean, 'std': None, 'ci95': None, 'n': n,
-            'verdict': WITHIN, 'wins': int(np.sum(diffs > 0))}
-  std = float(diffs.std(ddof=1))
-  half = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n))
-  low, high = mean - half, mean + half
-  verdict = HOLDS if low > 0 else REVERSED if high < 0 else WITHIN
-  return {'diffs': diffs.tolist(), 'mean': mean, 'std': std, 'ci95': [low, high], 'n': n,
-          'verdict': verdict, 'wins': int(np.sum(diffs > 0))}
+# One paired test for the reproductions and every run's own table.
+from kdjax.report import HOLDS, REVERSED, WITHIN, paired_comparison
 
 
 def load_run(workdir: str) -> dict:

@@ -7,6 +7,7 @@ anything is written), claims the workdir (`kdjax.workdir`) and runs the stages i
   checkpoints/   Orbax `CheckpointManager`: every epoch (and every `checkpoint_every_steps`), the
                  last few kept; the final one carries `"final": true` in its metadata.
   metrics.jsonl  one line per epoch: loss, accuracy, learning rate, images/s.
+  tensorboard/   the same epochs as TensorBoard scalars (`kdjax.tensorboard`).
 
 Running the same command again resumes an interrupted stage from its last checkpoint and skips
 finished ones. The run ends with `results.json`, `results.md` and `test_accuracy.png`.
@@ -34,6 +35,7 @@ from kdjax import parallel
 from kdjax import plan as planning
 from kdjax import report
 from kdjax import teachers
+from kdjax import tensorboard
 from kdjax import train
 from kdjax import workdir as workdirs
 from kdjax.errors import KdjaxError, Preempted
@@ -116,7 +118,8 @@ def run_stage(plan: planning.StagePlan, workdir: str, splits: Splits,
     progress = _progress_bar(progress_bar, name, t.total_steps, step)
     permutation, epoch_metrics, unchecked = None, [], []
     epoch_start, epoch_images = time.perf_counter(), 0
-    with _preemption_guard() as preempted:
+    with _preemption_guard() as preempted, tensorboard.open_writer(
+        workdirs.stage_dir(workdir, name), history) as events:  # rewritten from history.
       while step < t.total_steps:
         epoch, position = divmod(step, t.steps_per_epoch)
         if permutation is None or position == 0:
@@ -138,6 +141,7 @@ def run_stage(plan: planning.StagePlan, workdir: str, splits: Splits,
                                   time.perf_counter() - epoch_start)
           history.append(summary)
           workdirs.append_metrics(metrics_file, summary)
+          tensorboard.write_epoch(events, summary)
           progress.set_postfix(loss=f"{summary['train_loss']:.3f}",
                                test_acc=f"{np.mean(summary['test_accuracy']):.3f}")
           epoch_metrics, epoch_start, epoch_images = [], time.perf_counter(), 0
@@ -375,11 +379,13 @@ def _progress_bar(enabled: bool, name, total, initial):
 
 
 def load_dataset(config) -> kd_data.Dataset:
-  """The config's dataset, with `data.validation_size` training images held out for validation."""
+  """The config's dataset, with `data.validation_size` training images held out for validation
+  and, with `data.train_size` > 0, a class-balanced subset of that many left to train on."""
   dataset = kd_data.load(config.data.name, config.data.npz,
                          num_classes=config.data.num_classes or None,
                          tfds_data_dir=config.data.tfds_data_dir or None)
-  return kd_data.hold_out_validation(dataset, config.data.validation_size)
+  dataset = kd_data.hold_out_validation(dataset, config.data.validation_size)
+  return kd_data.subsample_train(dataset, config.data.get('train_size', 0))
 
 
 def current_layout(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -415,6 +421,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   rows = [run_stage(p, workdir, splits, normalization, mesh, progress_bar) for p in plans]
   if parallel.is_primary():  # the others computed the same rows; one process writes them.
     histories = {p.name: read_metrics(workdirs.metrics_path(workdir, p.name)) for p in plans}
-    report.write(workdir, dataset, [dataclasses.asdict(r) for r in rows], histories)
+    report.write(workdir, dataset, [dataclasses.asdict(r) for r in rows], histories,
+                 baseline=(config.get('report') or {}).get('baseline', ''))
   workdirs.sync_processes('kdjax: results written')
   return rows

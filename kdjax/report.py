@@ -3,10 +3,11 @@
 import datetime
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import jax
 import numpy as np
+from scipy import stats
 
 # Everything `write` puts in a workdir (beside `config.json` and `stages/`).
 OUTPUT_FILES = ('results.json', 'results.md', 'test_accuracy.png', 'exits_accuracy_vs_macs.png')
@@ -17,27 +18,95 @@ TABLE_COLUMNS = (('stage', 'name'), ('model', 'model'), ('teacher', 'teacher'),
                  ('parameters', 'params'), ('wall time (s)', 'wall_s'))
 
 
-def markdown_table(rows: List[dict]) -> str:
+HOLDS, REVERSED, WITHIN = 'holds', 'reversed', 'within spread'
+# How a run's table words a paired verdict against its baseline stage.
+VERDICT_VS_BASELINE = {HOLDS: 'above', REVERSED: 'below', WITHIN: WITHIN}
+
+
+def paired_comparison(better: Sequence[float], worse: Sequence[float]) -> dict:
+  """Tests "better > worse" on paired values (same seeds, same order); accuracies in [0, 1].
+
+  Returns the differences, their mean and sample std, the 95 % t-interval of the mean, and the
+  verdict: `'holds'` (interval above 0), `'reversed'` (below 0) or `'within spread'`.
+  """
+  better, worse = np.asarray(better, np.float64), np.asarray(worse, np.float64)
+  if better.shape != worse.shape or better.ndim != 1:
+    raise ValueError(f'paired values must be two equal-length lists, got {better.shape} and '
+                     f'{worse.shape}.')
+  diffs = better - worse
+  n = len(diffs)
+  mean = float(diffs.mean())
+  if n < 2:
+    return {'diffs': diffs.tolist(), 'mean': mean, 'std': None, 'ci95': None, 'n': n,
+            'verdict': WITHIN, 'wins': int(np.sum(diffs > 0))}
+  std = float(diffs.std(ddof=1))
+  half = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n))
+  low, high = mean - half, mean + half
+  verdict = HOLDS if low > 0 else REVERSED if high < 0 else WITHIN
+  return {'diffs': diffs.tolist(), 'mean': mean, 'std': std, 'ci95': [low, high], 'n': n,
+          'verdict': verdict, 'wins': int(np.sum(diffs > 0))}
+
+
+def paired_vs_baseline(rows: List[dict], baseline: str) -> Dict[str, dict]:
+  """Each stage that shares the baseline stage's seeds, compared with it seed by seed.
+
+  Replicas with the same seeds start from the same initialisation seed and see every batch in
+  the same order, so the per-seed differences of last-epoch test accuracy remove most of the
+  seed-to-seed spread (`paired_comparison`). Stages trained once, or on other seeds, are left out.
+  """
+  by_name = {row['name']: row for row in rows}
+  base = (by_name.get(baseline) or {}).get('replicas')
+  if not base or len(base['seeds']) < 2:
+    return {}
+  return {row['name']: paired_comparison(row['replicas']['test_accuracy'], base['test_accuracy'])
+          for row in rows if row['name'] != baseline and row.get('replicas')
+          and list(row['replicas']['seeds']) == list(base['seeds'])}
+
+
+def paired_cell(comparison: dict) -> str:
+  """`+1.23 [+0.40, +2.06] (n=5)`: mean per-seed difference and its 95 % t-interval, points."""
+  low, high = (100 * x for x in comparison['ci95'])
+  return f"{100 * comparison['mean']:+.2f} [{low:+.2f}, {high:+.2f}] (n={comparison['n']})"
+
+
+def paired_verdicts(comparisons: Dict[str, dict], baseline: str) -> str:
+  """One line: each compared stage above, below or within spread of the baseline."""
+  words = [f"{name} {VERDICT_VS_BASELINE[c['verdict']]} ({c['wins']}/{c['n']} seeds ahead)"
+           for name, c in comparisons.items()]
+  return (f"Paired with {baseline} (same seeds, same batches; 95 % Student-t interval of the "
+          f"mean per-seed difference, above or below when it excludes 0): {', '.join(words)}.")
+
+
+def markdown_table(rows: List[dict], baseline: str = '') -> str:
   """One line per stage; accuracy in percent, parameters with thousands separators.
 
   Non-true mass (mean probability on wrong classes) and entropy are on the test set: Yang et
   al.'s measures of the secondary information a model passes on when it teaches. Stages trained
   as N replicas show accuracy as mean ± sample standard deviation, the other columns as means.
   With a validation split, the validation accuracy and the test accuracy at the epoch of best
-  validation accuracy are added (each replica selects its own epoch).
+  validation accuracy are added (each replica selects its own epoch). With a `baseline` stage
+  trained as replicas, a column gives each stage on the same seeds its paired difference from it
+  (`paired_cell`, test accuracy in points).
   """
   validated = any(row.get('val_accuracy') is not None for row in rows)
+  comparisons = paired_vs_baseline(rows, baseline) if baseline else {}
   header = [label for label, _ in TABLE_COLUMNS]
-  if validated:  # after the test accuracy: the validation-selected view beside it.
-    header[5:5] = ['val accuracy (%)', 'test @ best val epoch (%)']
+  extra = ([f'vs {baseline} (points, 95 % CI)'] if comparisons else []) + (
+      ['val accuracy (%)', 'test @ best val epoch (%)'] if validated else [])
+  header[5:5] = extra  # after the test accuracy: the paired and validation-selected views.
   cells = [header]
   for row in rows:
     line = [row['name'], row['model'], row['teacher'] or '—', row['loss'],
             _accuracy_cell(row), f"{row['test_nontrue_mass']:.4f}",
             f"{row['test_entropy']:.4f}", f"{row['params']:,}", f"{row['wall_s']:.1f}"]
+    extra = []
+    if comparisons:
+      extra.append('baseline' if row['name'] == baseline else
+                   paired_cell(comparisons[row['name']]) if row['name'] in comparisons else '—')
     if validated:
-      line[5:5] = [f"{100 * row['val_accuracy']:.2f}",
-                   f"{100 * row['selected_test_accuracy']:.2f} (epoch {row['selected_epoch']})"]
+      extra += [f"{100 * row['val_accuracy']:.2f}",
+                f"{100 * row['selected_test_accuracy']:.2f} (epoch {row['selected_epoch']})"]
+    line[5:5] = extra
     cells.append(line)
   return format_table(cells)
 
@@ -80,7 +149,16 @@ def plot_exits(rows: List[dict], path: str) -> None:
   save_plot(path, 'MACs per image to reach the exit (millions)', 'test accuracy (%)', draw)
 
 
-def write(workdir: str, dataset, rows: List[dict], histories: Dict[str, List[dict]]) -> None:
+def write(workdir: str, dataset, rows: List[dict], histories: Dict[str, List[dict]],
+          baseline: str = '') -> None:
+  """Writes the run's outputs; `baseline` (`config.report.baseline`) names the stage the table
+  compares the others with, seed by seed ('' for none)."""
+  names = [row['name'] for row in rows]
+  if baseline and baseline not in names:  # the run is done: say so, and keep its table.
+    print(f"kdjax: report.baseline '{baseline}' is not a stage of this run ({', '.join(names)}); "
+          'the table has no paired column.')
+    baseline = ''
+  comparisons = paired_vs_baseline(rows, baseline) if baseline else {}
   meta = {
       'dataset': dataset.name, 'num_train': int(len(dataset.x_train)),
       'num_test': int(len(dataset.x_test)), 'image_shape': list(dataset.image_shape),
@@ -89,8 +167,12 @@ def write(workdir: str, dataset, rows: List[dict], histories: Dict[str, List[dic
       'finished_at': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
   }
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump({**meta, 'stages': rows}, f, indent=2)
-  table = markdown_table(rows)
+    paired = {'baseline': baseline, 'stages': comparisons}
+    json.dump({**meta, **({'paired_vs_baseline': paired} if baseline else {}), 'stages': rows},
+              f, indent=2)
+  table = markdown_table(rows, baseline)
+  if comparisons:
+    table += '\n\n' + paired_verdicts(comparisons, baseline)
   exits_table = multi_exit_table(rows)
   if exits_table:
     table += '\n\nMulti-exit stages, per exit (MACs per image to reach the exit):\n\n' + exits_table

@@ -3,6 +3,7 @@
   WORKDIR/config.json                 the config the run was started with (current layout)
   WORKDIR/stages/<name>/checkpoints/  Orbax checkpoints (`kdjax.checkpoints`)
   WORKDIR/stages/<name>/metrics.jsonl one line per finished epoch
+  WORKDIR/stages/<name>/tensorboard/  the same epochs as TensorBoard scalars (`kdjax.tensorboard`)
 """
 
 import json

@@ -15,8 +15,8 @@ DATA = {'digits': ((8, 8, 1), 1438), 'mnist': ((28, 28, 1), 60000)}
 def checked_order(config):
   """The stage order `plan` gives: every stage and value checked against the config's data."""
   shape, num_train = DATA.get(config.data.name, ((32, 32, 3), 50000))
-  info = plan.DataInfo(config.data.name, num_train - config.data.validation_size, 10, shape,
-                       config.data.validation_size > 0)
+  num_train = config.data.get('train_size', 0) or num_train - config.data.validation_size
+  info = plan.DataInfo(config.data.name, num_train, 10, shape, config.data.validation_size > 0)
   return [p.name for p in plan.plan(config, info)]
 
 
@@ -38,6 +38,21 @@ def test_takd_configs(name, teacher, assistant, student):
       teacher, assistant, student)
   assert stages.takd.teacher == 'assistant' and stages.blkd.teacher == 'teacher'
   assert stages.nokd.loss == 'ce' and not stages.nokd.teacher
+
+
+def test_default_job_is_a_label_scarce_chain_compared_seed_by_seed():
+  from experiments.configs import default
+  config = default.get_config()
+  order = checked_order(config)
+  assert order == ['teacher', 'assistant', 'nokd', 'blkd', 'takd']
+  assert config.report.baseline in order  # the table's paired column names a stage,
+  students = [n for n in order if config.stages[n].model == default.STUDENT]
+  assert config.report.baseline in students and len(students) == 3
+  assert {settings(config, n).num_replicas for n in students} == {10}  # on shared seeds.
+  # Chosen on validation: a held-out split beside the label-scarce training split.
+  assert config.data.validation_size == 400 and config.data.train_size == 400
+  assert 'train_size' not in importlib.import_module(
+      'experiments.configs.takd_default').get_config().data  # recorded configs keep their keys.
 
 
 def test_a_teacher_cycle_is_refused():

@@ -139,3 +139,30 @@ def test_best_validation_epoch_is_per_replica_and_earliest_of_ties():
   epochs, selected = accuracy_at_best_validation(val, test)
   np.testing.assert_array_equal(epochs, [1, 0])
   np.testing.assert_array_equal(selected, [0.3, 0.2])
+
+
+def test_label_scarce_split_is_class_balanced_and_the_same_every_time():
+  from kdjax import data as kd_data
+  dataset = kd_data.hold_out_validation(kd_data.load('digits'), 400)
+  scarce = kd_data.subsample_train(dataset, 205)
+  # 205 = 10 classes × 20 + 5: every class keeps 20 or 21 images.
+  assert len(scarce.x_train) == 205 and set(np.bincount(scarce.y_train)) == {20, 21}
+  np.testing.assert_array_equal(scarce.x_train, kd_data.subsample_train(dataset, 205).x_train)
+  # A subset of the training images, each with its own label; validation and test untouched.
+  pairs = lambda d: {(bytes(x), int(y)) for x, y in zip(d.x_train.reshape(len(d.x_train), -1),
+                                                       d.y_train)}
+  assert pairs(scarce) <= pairs(dataset)
+  np.testing.assert_array_equal(scarce.x_val, dataset.x_val)
+  np.testing.assert_array_equal(scarce.x_test, dataset.x_test)
+  assert kd_data.subsample_train(dataset, 0) is dataset
+  with pytest.raises(kdjax.KdjaxError, match=r'train_size must be an integer in \[0, 1038\]'):
+    kd_data.subsample_train(dataset, 1039)
+
+
+def test_label_scarce_split_fills_in_from_other_classes_when_one_runs_out():
+  from kdjax import data as kd_data
+  # Class 1 has 2 images, class 0 has 8: 6 images are 2 of class 1 and 4 of class 0.
+  labels = np.array([0] * 8 + [1] * 2, np.int32)
+  images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+  dataset = kd_data.Dataset('toy', images, labels, images[:2], labels[:2], 2)
+  assert np.bincount(kd_data.subsample_train(dataset, 6).y_train).tolist() == [4, 2]

@@ -54,6 +54,33 @@ def hold_out_validation(dataset: Dataset, size: int) -> Dataset:
                              y_val=dataset.y_train[val])
 
 
+def subsample_train(dataset: Dataset, size: int, seed: int = 0) -> Dataset:
+  """Keeps `size` training images, class-balanced; `size = 0` returns `dataset`.
+
+  A label-scarce training split: each class keeps `size // num_classes` images or one more (when
+  the classes do not divide `size`; a class with too few keeps all it has, the others fill in),
+  chosen by a fixed permutation (`seed`, 0 by default, independent of the run's seed) so
+  every seed and stage trains on the same images. Apply it after `hold_out_validation`: the
+  validation and test splits keep their size.
+  """
+  if size == 0:
+    return dataset
+  num_train = len(dataset.x_train)
+  if not isinstance(size, int) or size < 0 or size > num_train:
+    raise KdjaxError(f'{dataset.name}: train_size must be an integer in [0, {num_train}] (0: all '
+                     f'{num_train} training images), got {size!r}.')
+  order = np.random.default_rng(seed).permutation(num_train)
+  labels = dataset.y_train[order]
+  # Each image's rank among the images of its class in `order`: taking images by rank, then by
+  # position, takes one of every class before a second of any.
+  rank = np.empty(num_train, np.int64)
+  for label in np.unique(labels):
+    members = np.flatnonzero(labels == label)
+    rank[members] = np.arange(len(members))
+  keep = np.sort(order[np.lexsort((np.arange(num_train), rank))[:size]])
+  return dataclasses.replace(dataset, x_train=dataset.x_train[keep], y_train=dataset.y_train[keep])
+
+
 def load(name: str = 'digits', npz: str = '', num_classes: Optional[int] = None,
          tfds_data_dir: Optional[str] = None) -> Dataset:
   """Loads a dataset: `npz` if given, else the embedded `name`, else the TFDS builder `name`."""
