@@ -86,46 +86,40 @@ def claim(config, workdir: str, overwrite: bool) -> None:
   the record is brought up to date. With several processes every one reads and judges the
   record, and process 0 alone writes (or deletes, with `overwrite`) once all have read it.
   """
-  _check_record(config, workdir, overwrite)
+  path = os.path.join(workdir, 'config.json')
+  wanted = experiment_json(config)
+  existing = None
+  if os.path.exists(path):
+    with open(path) as f:
+      existing = f.read()
+  same = existing is None or existing == wanted or same_experiment(existing, wanted)
+  if existing is not None and existing != wanted and same:
+    layout1 = config_layout.is_layout1(json.loads(existing))
+    print(f'{workdir}: recorded '
+          + ('in the earlier config layout (one `kd` block)' if layout1 else 'differently')
+          + '; it computes the same run as this config, so the run continues (config.json '
+          'rewritten in the current layout).')
+  if not same and not overwrite:
+    raise KdjaxError(
+        f"'{workdir}' holds a run of a different config (see its config.json); kdjax will not "
+        'mix two experiments in one folder. Use another --workdir, re-run with the original '
+        'config to resume, or pass --overwrite to delete that run and start this one.')
   sync_processes('kdjax: workdir checked')
   if parallel.is_primary():
-    _write_record(config, workdir, overwrite)
+    if not same:
+      _delete_run(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, 'w') as f:
+      f.write(wanted)
   sync_processes('kdjax: workdir claimed')
 
 
-def _check_record(config, workdir: str, overwrite: bool) -> None:
-  path = os.path.join(workdir, 'config.json')
-  wanted = experiment_json(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      existing = f.read()
-    if existing != wanted and same_experiment(existing, wanted):
-      layout1 = config_layout.is_layout1(json.loads(existing))
-      print(f'{workdir}: recorded '
-            + ('in the earlier config layout (one `kd` block)' if layout1 else 'differently')
-            + '; it computes the same run as this config, so the run continues (config.json '
-            'rewritten in the current layout).')
-    elif existing != wanted and not overwrite:
-      raise KdjaxError(
-          f"'{workdir}' holds a run of a different config (see its config.json); kdjax will not "
-          'mix two experiments in one folder. Use another --workdir, re-run with the original '
-          'config to resume, or pass --overwrite to delete that run and start this one.')
-
-
-def _write_record(config, workdir: str, overwrite: bool) -> None:
-  path = os.path.join(workdir, 'config.json')
-  wanted = experiment_json(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      existing = f.read()
-    if existing != wanted and not same_experiment(existing, wanted) and overwrite:
-      print(f'--overwrite: deleting the earlier run in {workdir}.')
-      for entry in ('stages', *report.OUTPUT_FILES):
-        target = os.path.join(workdir, entry)
-        if os.path.isdir(target):
-          shutil.rmtree(target)
-        elif os.path.exists(target):
-          os.remove(target)
-  os.makedirs(workdir, exist_ok=True)
-  with open(path, 'w') as f:
-    f.write(wanted)
+def _delete_run(workdir: str) -> None:
+  """--overwrite: what an earlier run of another config left in `workdir`."""
+  print(f'--overwrite: deleting the earlier run in {workdir}.')
+  for entry in ('stages', *report.OUTPUT_FILES):
+    target = os.path.join(workdir, entry)
+    if os.path.isdir(target):
+      shutil.rmtree(target)
+    elif os.path.exists(target):
+      os.remove(target)
