@@ -10,11 +10,14 @@ blocks and `stages`:
   num_replicas                  students trained at once per stage (a stage may set its own)
   stages.<name>                 model, loss, loss_kw, teacher | teachers, num_replicas, train,
                                 teacher_source (the last three override the global blocks)
+  external_teachers.<name>      a teacher trained elsewhere (absent: none): `path` (a PyTorch
+                                or safetensors file), `model` (kdjax's name for the network),
+                                `layout` ('takd' | 'repdistiller'; see `kdjax.torch_import`)
 
 A stage's loss is named with its own settings, in big_vision's manner: `loss = 'kd'`,
 `loss_kw = {'temperature': 2.0}` over `losses.kd` over the loss's defaults
-(`kdjax.stage_losses`). `teacher` names one earlier stage; `teachers = {'teacher': 0.5,
-'ta8': 0.5}` several, with weights.
+(`kdjax.stage_losses`). `teacher` names one earlier stage or external teacher; `teachers =
+{'teacher': 0.5, 'ta8': 0.5}` several, with weights.
 
 Layout 1 (kdjax before the plan/run split) had one `kd` block of 16 keys that mixed every loss's
 hyper-parameters with the teacher's execution settings. `upgrade_layout` reads it into this
@@ -32,6 +35,7 @@ from kdjax.errors import KdjaxError
 
 STAGE_KEYS = ('model', 'loss', 'loss_kw', 'teacher', 'teachers', 'num_replicas', 'train',
               'teacher_source')
+EXTERNAL_TEACHER_KEYS = ('path', 'model', 'layout')
 TEACHER_SOURCE_DEFAULTS = {'replica': 'first', 'cache_logits': True, 'dtype': 'float32'}
 # Settings that change how a run is shown or cached, never what it computes.
 RUNTIME_ONLY_KEYS = ('progress_bar', 'compilation_cache_dir')
@@ -126,10 +130,16 @@ def effective_settings(config) -> dict:
   """
   settings = upgrade_layout(_as_dict(config))
   config = ml_collections.ConfigDict(settings)
-  folded = ('stages', 'losses', 'teacher_source', 'num_replicas', 'train', *RUNTIME_ONLY_KEYS)
+  folded = ('stages', 'losses', 'teacher_source', 'num_replicas', 'train', 'external_teachers',
+            *RUNTIME_ONLY_KEYS)
   result = {k: v for k, v in settings.items() if k not in folded}
   result['stages'] = {name: stage_settings(config, name).to_dict()
                       for name in (settings.get('stages') or {})}
+  used = {t for stage in result['stages'].values() for t in stage['teachers']}
+  external = {name: block for name, block in (settings.get('external_teachers') or {}).items()
+              if name in used}
+  if external:  # absent when none is used, so records from before the block compare equal.
+    result['external_teachers'] = external
   return json.loads(json.dumps(result))  # tuples as lists, as config.json records them.
 
 
@@ -141,3 +151,7 @@ def _as_dict(config) -> dict:
 
 def stage_names(config) -> List[str]:
   return list((config.get('stages') or {}).keys())
+
+
+def external_teacher_names(config) -> List[str]:
+  return list((config.get('external_teachers') or {}).keys())

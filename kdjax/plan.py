@@ -4,9 +4,15 @@
 stage graph, the data and the devices) and resolves every default, with no compile and no
 writes, so a mistake is reported before anything is trained or written. The training loop
 (`kdjax.experiment.run_stage`) only reads the plan.
+
+A teacher is an earlier stage of the run or an external teacher (`config.external_teachers`: a
+PyTorch or safetensors file, `kdjax.torch_import`), whose file is read and checked against its
+layout here and whose SHA-256 the plan records (`TeacherPlan.fingerprint`): a stage trained
+from a file that has changed since can then be told apart (reporting that is not done yet).
 """
 
 import dataclasses
+import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 import flax.linen as nn
@@ -17,6 +23,7 @@ import optax
 from kdjax import config_layout
 from kdjax import models
 from kdjax import stage_losses
+from kdjax import torch_import
 from kdjax import train
 from kdjax.errors import KdjaxError
 
@@ -58,12 +65,26 @@ class TrainPlan:
 
 @dataclasses.dataclass(frozen=True)
 class TeacherPlan:
-  """One teacher: an earlier stage of this run, its module built with the teacher dtype."""
-  stage: str
+  """One teacher, its module built with the teacher dtype: an earlier stage of this run, or
+  (`source_path` set) an external teacher's file in a public `layout`."""
+  stage: str          # the stage's name, or the external teacher's.
   weight: float
   model: nn.Module
   num_replicas: int   # how many models that stage trained (its checkpoint's stacking).
   per_replica: bool   # student replica r learns from that stage's replica r.
+  source_path: str = ''  # an external teacher's file ('' for a stage of this run).
+  layout: str = ''       # its layout, a key of `kdjax.torch_import.LAYOUTS`.
+  fingerprint: str = ''  # its SHA-256 when planned, so that a changed file is noticed.
+
+
+@dataclasses.dataclass(frozen=True)
+class ExternalTeacher:
+  """`config.external_teachers.<name>`, checked: the file holds `model_name` in `layout`."""
+  name: str
+  model_name: str
+  path: str
+  layout: str
+  fingerprint: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +139,8 @@ def plan(config: ml_collections.ConfigDict, data: DataInfo, num_devices: int = 1
   """Every stage of `config`, checked and resolved, in the order to run them (teachers first)."""
   _check_globals(config)
   order = stage_order(config)
+  external = {name: _external_teacher(config, name, data)
+              for name in config_layout.external_teacher_names(config)}
   settings = {name: config_layout.stage_settings(config, name) for name in order}
   for name in config.get('losses') or {}:  # a typo in an unused loss's block is still a typo.
     several = name in stage_losses.LOSSES and stage_losses.LOSSES[name].several_teachers
@@ -128,7 +151,8 @@ def plan(config: ml_collections.ConfigDict, data: DataInfo, num_devices: int = 1
     batching = 'unroll' if backend == 'cpu' else 'vmap'
   plans: Dict[str, StagePlan] = {}
   for name in order:
-    plans[name] = _stage_plan(config, settings, name, plans, data, num_devices, batching)
+    plans[name] = _stage_plan(config, settings, name, plans, external, data, num_devices,
+                              batching)
   return [plans[name] for name in order]
 
 
@@ -155,6 +179,7 @@ def stage_order(config) -> List[str]:
   before their students, ties broken by name.
   """
   names = config_layout.stage_names(config)
+  external = _check_external_teachers(config, names)
   teachers = {}
   for name in names:
     stage = config.stages[name]
@@ -167,9 +192,11 @@ def stage_order(config) -> List[str]:
       if teacher == name:
         raise KdjaxError(f"stage '{name}' is its own teacher; a teacher must be an earlier "
                          'stage.')
-      if teacher not in names:
+      if teacher not in names and teacher not in external:
+        also = f"; external teachers: {', '.join(external)}" if external else ''
         raise KdjaxError(f"stage '{name}': teacher '{teacher}' is not a stage of this config; "
-                         f"stages are: {', '.join(names)}.")
+                         f"stages are: {', '.join(names)}{also}.")
+    teachers[name] = [t for t in teachers[name] if t not in external]  # ready from the start.
   requested = list(config.get('stage_order') or ())
   if requested:
     if sorted(requested) != sorted(names):
@@ -193,6 +220,51 @@ def stage_order(config) -> List[str]:
   return order
 
 
+def _check_external_teachers(config, stage_names) -> List[str]:
+  """The names of `config.external_teachers`, each block's keys and values checked."""
+  names = config_layout.external_teacher_names(config)
+  for name in names:
+    where = f"config.external_teachers.{name}"
+    block = config.external_teachers[name]
+    if not hasattr(block, 'keys'):
+      raise KdjaxError(f'{where} must be a block such as dict(path=..., model=..., layout=...), '
+                       f'got {block!r}.')
+    if name in stage_names:
+      raise KdjaxError(f"{where}: '{name}' is also a stage's name; give the external teacher "
+                       'another name.')
+    keys = set(block.keys())
+    if keys != set(config_layout.EXTERNAL_TEACHER_KEYS):
+      wrong = sorted(keys - set(config_layout.EXTERNAL_TEACHER_KEYS))
+      absent = sorted(set(config_layout.EXTERNAL_TEACHER_KEYS) - keys)
+      raise KdjaxError(f'{where}: ' + (f'unknown keys {wrong}' if wrong else f'missing {absent}')
+                       + f"; an external teacher has: "
+                       f"{', '.join(config_layout.EXTERNAL_TEACHER_KEYS)}.")
+    for key in config_layout.EXTERNAL_TEACHER_KEYS:
+      if not isinstance(block[key], str) or not block[key]:
+        raise KdjaxError(f'{where}.{key} must be a non-empty string, got {block[key]!r}.')
+    try:
+      torch_import.check_model(block.model, block.layout)
+    except KdjaxError as e:
+      raise KdjaxError(f'{where}: {e}') from None
+    if not os.path.isfile(block.path):
+      raise KdjaxError(f"{where}: the file '{block.path}' does not exist; check the path.")
+  return names
+
+
+def _external_teacher(config, name, data: DataInfo) -> ExternalTeacher:
+  """The external teacher `name`, its file read and checked against its layout."""
+  block = config.external_teachers[name]
+  source = f"config.external_teachers.{name} ('{block.path}')"
+  model = torch_import.build_model(block.model, data.num_classes, conv=config.model.conv)
+  fingerprint = torch_import.sha256(block.path)
+  try:
+    state_dict = torch_import.read_state_dict(block.path)
+  except KdjaxError as e:
+    raise KdjaxError(f'config.external_teachers.{name}: {e}') from None
+  torch_import.check_state_dict(state_dict, model, data.image_shape, block.layout, source)
+  return ExternalTeacher(name, block.model, block.path, block.layout, fingerprint)
+
+
 def _loss(name, settings, where, num_classes, teacher_weights=()):
   try:
     return stage_losses.get_loss(name, settings, num_classes=num_classes,
@@ -201,7 +273,8 @@ def _loss(name, settings, where, num_classes, teacher_weights=()):
     raise KdjaxError(f'{where}: {e}') from None
 
 
-def _stage_plan(config, settings, name, earlier, data: DataInfo, num_devices, batching):
+def _stage_plan(config, settings, name, earlier, external, data: DataInfo, num_devices,
+                batching):
   stage = settings[name]
   where = f"stage '{name}'"
   model = _model(config, stage.model, data, where)
@@ -212,7 +285,7 @@ def _stage_plan(config, settings, name, earlier, data: DataInfo, num_devices, ba
   loss_class = stage_losses.LOSSES[stage.loss]
   loss = _loss(stage.loss, stage.loss_kw.to_dict(), where, data.num_classes,
                tuple(stage.teachers.values()) if loss_class.several_teachers else ())
-  _check_loss_fits(where, stage, loss_class, multi_exit, earlier)
+  _check_loss_fits(where, stage, loss_class, multi_exit, earlier)  # external: never multi-exit.
   own_replicas = config.stages[name].get('num_replicas', 0)
   if not _is_int(own_replicas) or own_replicas < 0:
     raise KdjaxError(f"{where}: num_replicas must be an integer >= 1, or 0 for "
@@ -220,7 +293,7 @@ def _stage_plan(config, settings, name, earlier, data: DataInfo, num_devices, ba
   train_plan = _train_plan(stage.train, stage.model, data, num_devices, where)
   augment = Augment(bool(config.data.augment.enabled), int(config.data.augment.crop_padding),
                     bool(config.data.augment.flip))
-  teacher = _teacher_source_plan(config, stage, earlier, data, augment, where)
+  teacher = _teacher_source_plan(config, stage, earlier, external, data, augment, where)
   evaluators = ('test', 'validation') if data.has_validation else ('test',)
   return StagePlan(
       name=name, model_name=stage.model, model=model, loss_name=stage.loss, loss=loss,
@@ -229,13 +302,15 @@ def _stage_plan(config, settings, name, earlier, data: DataInfo, num_devices, ba
       multi_exit=multi_exit, image_shape=data.image_shape, num_classes=data.num_classes)
 
 
-def _model(config, name, data: DataInfo, where, dtype=jnp.float32) -> nn.Module:
+def _model(config, name, data: DataInfo, where, dtype=jnp.float32,
+           shortcut: Optional[str] = None) -> nn.Module:
   try:
     models.check_model_name(name)
   except KdjaxError as e:
     raise KdjaxError(f'{where}: {e}') from None
   model = models.get_model(name, data.num_classes, dtype=dtype,
-                           shortcut=config.model.resnet_shortcut, conv=config.model.conv)
+                           shortcut=shortcut or config.model.resnet_shortcut,
+                           conv=config.model.conv)
   models.variable_shapes(model, data.image_shape)  # raises if the images are too small.
   return model
 
@@ -251,7 +326,7 @@ def _check_loss_fits(where, stage, loss_class, multi_exit, earlier) -> None:
   if multi_exit and teachers:
     raise KdjaxError(f'{where}: a multi-exit stage teaches itself; clear its teacher.')
   for teacher in teachers:
-    if earlier[teacher].multi_exit:
+    if teacher in earlier and earlier[teacher].multi_exit:
       raise KdjaxError(f"{where}: teacher '{teacher}' is a multi-exit model; use a "
                        'single-exit stage as a teacher.')
   if loss_class.needs_teacher and not teachers:
@@ -305,7 +380,7 @@ def _train_plan(t, model_name, data: DataInfo, num_devices, where) -> TrainPlan:
       schedule=schedule, optimizer=train.make_optimizer(t, schedule))
 
 
-def _teacher_source_plan(config, stage, earlier, data, augment: Augment, where):
+def _teacher_source_plan(config, stage, earlier, external, data, augment: Augment, where):
   source = stage.teacher_source
   checks = [
       (source.dtype in TEACHER_DTYPES,
@@ -329,6 +404,10 @@ def _teacher_source_plan(config, stage, earlier, data, augment: Augment, where):
   per_replica = source.replica == 'matching'
   teachers = []
   for name, weight in stage.teachers.items():
+    if name in external:
+      teachers.append(_external_teacher_plan(config, external[name], float(weight), per_replica,
+                                             data, jnp.dtype(source.dtype), where))
+      continue
     theirs = earlier[name].num_replicas
     if per_replica and (stage.num_replicas < 2 or stage.num_replicas != theirs):
       raise KdjaxError(
@@ -341,3 +420,15 @@ def _teacher_source_plan(config, stage, earlier, data, augment: Augment, where):
   return TeacherSourcePlan(
       teachers=tuple(teachers), ensemble=stage_losses.LOSSES[stage.loss].several_teachers,
       cache_logits=source.cache_logits and not train.augments(augment), per_replica=per_replica)
+
+
+def _external_teacher_plan(config, teacher: ExternalTeacher, weight, per_replica, data, dtype,
+                           where) -> TeacherPlan:
+  if per_replica:
+    raise KdjaxError(f"{where}: external teacher '{teacher.name}' is one model (one file), so "
+                     "teacher_source.replica 'matching' has no replica r to pair; use 'first'.")
+  model = _model(config, teacher.model_name, data, where, dtype,
+                 shortcut='projection' if teacher.model_name.startswith('resnet') else None)
+  return TeacherPlan(teacher.name, weight, model, num_replicas=1, per_replica=False,
+                     source_path=teacher.path, layout=teacher.layout,
+                     fingerprint=teacher.fingerprint)

@@ -18,9 +18,10 @@ axis); otherwise every replica shares the one teacher and its one forward pass.
 * `TeacherEnsemble` several sources stacked on a `[K]` axis, for a loss that learns from several
                    teachers (`kdjax.stage_losses.multi_teacher`).
 
-Where a live teacher's variables come from (an earlier stage of the run today; another workdir,
-an Orbax or PyTorch checkpoint later) is `load_variables`'s business, not the step's: an imported
-teacher is a `LiveTeacher` (or `CachedTeacher`) like any other.
+Where a live teacher's variables come from (an earlier stage of the run, or a PyTorch file named
+in `config.external_teachers`; another workdir or an Orbax checkpoint later) is
+`load_variables`'s business, not the step's: an imported teacher is a `LiveTeacher` (or
+`CachedTeacher`) like any other.
 """
 
 import os
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 from kdjax import checkpoints
 from kdjax import models
 from kdjax import parallel
+from kdjax import torch_import
 from kdjax import train
 
 
@@ -126,9 +128,16 @@ def cache(source: LiveTeacher, data: train.DeviceData, normalization: train.Norm
 def load_variables(teacher_plan, workdir: str, image_shape) -> dict:
   """The final `{params, batch_stats}` of the teacher `teacher_plan` names (a `plan.TeacherPlan`).
 
-  Today a teacher is a finished stage of this run; with `per_replica` False the source keeps
-  replica 0 of a replicated teacher stage, else all of its replicas stacked.
+  A finished stage of this run: with `per_replica` False the source keeps replica 0 of a
+  replicated teacher stage, else all of its replicas stacked. An external teacher
+  (`teacher_plan.source_path`): its file in its public layout (`kdjax.torch_import`), refused if
+  it has changed since the run was planned.
   """
+  if teacher_plan.source_path:
+    return torch_import.load_variables(
+        teacher_plan.source_path, teacher_plan.model, image_shape, teacher_plan.layout,
+        fingerprint=teacher_plan.fingerprint,
+        source=f"external teacher '{teacher_plan.stage}' ('{teacher_plan.source_path}')")
   shapes = models.variable_shapes(teacher_plan.model, image_shape)
   stacked = teacher_plan.num_replicas > 1
   if stacked:

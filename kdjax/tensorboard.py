@@ -23,12 +23,14 @@ the time of the rewrite. Process 0 alone writes, as for `metrics.jsonl`.
 import contextlib
 import glob
 import os
-from typing import Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional
 
 import numpy as np
-import tensorboardX
 
 from kdjax import parallel
+
+if TYPE_CHECKING:  # imported where a writer is opened: it imports PyTorch when installed.
+  import tensorboardX
 
 EVENTS_FOLDER = 'tensorboard'
 # tensorboardX's writer thread flushes at most this often (seconds): a live TensorBoard sees an
@@ -55,7 +57,7 @@ def scalars(summary: dict) -> Dict[str, float]:
   return tags
 
 
-def write_epoch(writer: Optional[tensorboardX.SummaryWriter], summary: dict) -> None:
+def write_epoch(writer: Optional['tensorboardX.SummaryWriter'], summary: dict) -> None:
   """Adds an epoch's scalars at step `summary['epoch']`; nothing without a writer (process > 0)."""
   if writer is None:
     return
@@ -65,7 +67,7 @@ def write_epoch(writer: Optional[tensorboardX.SummaryWriter], summary: dict) -> 
 
 @contextlib.contextmanager
 def open_writer(stage_dir: str,
-                history: List[dict]) -> Iterator[Optional[tensorboardX.SummaryWriter]]:
+                history: List[dict]) -> Iterator[Optional['tensorboardX.SummaryWriter']]:
   """A writer for `stage_dir/tensorboard/` whose event files hold exactly the epochs in `history`
   (the stage's `metrics.jsonl` so far), closed (everything written) on every way out; `None` on
   processes other than 0."""
@@ -75,6 +77,7 @@ def open_writer(stage_dir: str,
   folder = os.path.join(stage_dir, EVENTS_FOLDER)
   for stale in glob.glob(os.path.join(folder, 'events.out.tfevents.*')):
     os.remove(stale)
+  import tensorboardX  # here: it imports PyTorch when that is installed (about 1 s).
   with tensorboardX.SummaryWriter(folder, flush_secs=FLUSH_SECS) as writer:
     for summary in history:
       write_epoch(writer, summary)
