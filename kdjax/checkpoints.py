@@ -119,24 +119,40 @@ def _quarantine(mgr, steps, where: str) -> None:
   mgr.reload()
 
 
-def load_final_variables(stage_dir: str, shapes) -> dict:
+def _final_meta(mgr, stage_dir: str) -> Tuple[int, dict]:
+  step = mgr.latest_step() if os.path.isdir(str(mgr.directory)) else None
+  try:
+    meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta \
+        if step is not None else {}
+  except Exception:  # damaged metadata: treated as unfinished, and the message says what to do.
+    meta = {}
+  if not meta.get('final'):
+    raise KdjaxError(f"no intact final checkpoint in '{stage_dir}'; the teacher stage must "
+                     'finish first (re-run the same command to resume it).')
+  return step, meta
+
+
+def final_fingerprint(stage_dir: str) -> str:
+  """The SHA-256 recorded with a finished stage's final checkpoint (raises if unfinished)."""
+  with contextlib.closing(manager(os.path.join(stage_dir, 'checkpoints'), keep=None,
+                                  read_only=True)) as mgr:
+    return _final_meta(mgr, stage_dir)[1].get('fingerprint', '')
+
+
+def load_final_variables(stage_dir: str, shapes, fingerprint: str = '') -> dict:
   """The `{params, batch_stats}` of a finished stage, for use as a teacher.
 
   Args:
     stage_dir: the teacher stage's folder.
     shapes: `models.variable_shapes(...)` of the model the config names for that stage.
+    fingerprint: if given, the final checkpoint's recorded SHA-256 must still be this one.
   """
   with contextlib.closing(manager(os.path.join(stage_dir, 'checkpoints'), keep=None,
                                   read_only=True)) as mgr:
-    step = mgr.latest_step()
-    try:
-      meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta \
-          if step is not None else {}
-    except Exception:  # damaged metadata: treated as unfinished, and the message says what to do.
-      meta = {}
-    if not meta.get('final'):
-      raise KdjaxError(f"no intact final checkpoint in '{stage_dir}'; the teacher stage must "
-                       'finish first (re-run the same command to resume it).')
+    step, meta = _final_meta(mgr, stage_dir)
+    if fingerprint and meta.get('fingerprint') != fingerprint:
+      raise KdjaxError(f"the teacher in '{stage_dir}' changed after this run was planned (its "
+                       'final checkpoint is another one now); re-run the command to plan anew.')
     # Saved as a TrainState's `{params, batch_stats}`: a model without BatchNorm has `{}` there.
     shapes = {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
     try:

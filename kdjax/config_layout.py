@@ -26,7 +26,8 @@ layout, so that configs and recorded runs written for it keep working.
 
 import copy
 import json
-from typing import Dict, List
+import os
+from typing import Dict, List, Optional, Tuple
 
 import ml_collections
 
@@ -151,6 +152,16 @@ def _as_dict(config) -> dict:
 
 def stage_names(config) -> List[str]:
   return list((config.get('stages') or {}).keys())
+
+
+def workdir_reference(teacher: str) -> Optional[Tuple[str, str]]:
+  """`('/path/to/workdir', 'stage')` for a teacher named `'/path/to/workdir:stage'` (a finished
+  stage of another kdjax run: a path with a folder separator, a colon, the stage's name), else
+  None."""
+  path, colon, stage = teacher.rpartition(':')
+  if colon and stage and ('/' in path or path.startswith(('.', '~'))):
+    return os.path.expanduser(path), stage
+  return None
 
 
 def external_teacher_names(config) -> List[str]:

@@ -79,12 +79,15 @@ class TeacherPlan:
 
 @dataclasses.dataclass(frozen=True)
 class ExternalTeacher:
-  """`config.external_teachers.<name>`, checked: the file holds `model_name` in `layout`."""
+  """`config.external_teachers.<name>`, checked: the file holds `model_name` in `layout`; or
+  (`layout='kdjax'`) a finished stage of another kdjax run, `'/path/to/workdir:stage'`."""
   name: str
   model_name: str
   path: str
   layout: str
   fingerprint: str
+  num_replicas: int = 1   # another run's stage: how many models it trained.
+  shortcut: str = ''      # another run's stage: the ResNet shortcut it was trained with.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +144,7 @@ def plan(config: ml_collections.ConfigDict, data: DataInfo, num_devices: int = 1
   order = stage_order(config)
   external = {name: _external_teacher(config, name, data)
               for name in config_layout.external_teacher_names(config)}
+  external.update({ref: _other_run_teacher(ref) for ref in _workdir_references(config)})
   settings = {name: config_layout.stage_settings(config, name) for name in order}
   for name in config.get('losses') or {}:  # a typo in an unused loss's block is still a typo.
     several = name in stage_losses.LOSSES and stage_losses.LOSSES[name].several_teachers
@@ -192,6 +196,8 @@ def stage_order(config) -> List[str]:
       if teacher == name:
         raise KdjaxError(f"stage '{name}' is its own teacher; a teacher must be an earlier "
                          'stage.')
+      if config_layout.workdir_reference(teacher):
+        external = [*external, teacher]  # another run's stage: checked when planned.
       if teacher not in names and teacher not in external:
         also = f"; external teachers: {', '.join(external)}" if external else ''
         raise KdjaxError(f"stage '{name}': teacher '{teacher}' is not a stage of this config; "
@@ -263,6 +269,36 @@ def _external_teacher(config, name, data: DataInfo) -> ExternalTeacher:
     raise KdjaxError(f'config.external_teachers.{name}: {e}') from None
   torch_import.check_state_dict(state_dict, model, data.image_shape, block.layout, source)
   return ExternalTeacher(name, block.model, block.path, block.layout, fingerprint)
+
+
+def _workdir_references(config) -> List[str]:
+  """Every `'/path/to/workdir:stage'` some stage names as a teacher."""
+  return sorted({teacher for name in config_layout.stage_names(config)
+                 for teacher in config_layout.stage_settings(config, name).teachers
+                 if config_layout.workdir_reference(teacher)})
+
+
+def _other_run_teacher(reference: str) -> ExternalTeacher:
+  """A finished stage of another kdjax run: its model and replicas from that run's config.json,
+  the fingerprint of its final checkpoint (which must exist)."""
+  import json
+  from kdjax import checkpoints
+  workdir, stage = config_layout.workdir_reference(reference)
+  where = f"teacher '{reference}'"
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise KdjaxError(f"{where}: '{workdir}' holds no kdjax run (no config.json); give the "
+                     "folder of a finished run as '/path/to/workdir:stage'.")
+  with open(path) as f:
+    recorded = ml_collections.ConfigDict(config_layout.upgrade_layout(json.load(f)))
+  if stage not in config_layout.stage_names(recorded):
+    raise KdjaxError(f"{where}: the run in '{workdir}' has no stage '{stage}'; its stages are: "
+                     f"{', '.join(config_layout.stage_names(recorded))}.")
+  settings = config_layout.stage_settings(recorded, stage)
+  fingerprint = checkpoints.final_fingerprint(os.path.join(workdir, 'stages', stage))
+  return ExternalTeacher(reference, settings.model, workdir, 'kdjax', fingerprint,
+                         num_replicas=settings.num_replicas,
+                         shortcut=recorded.model.resnet_shortcut)
 
 
 def _loss(name, settings, where, num_classes, teacher_weights=()):
@@ -406,7 +442,8 @@ def _teacher_source_plan(config, stage, earlier, external, data, augment: Augmen
   for name, weight in stage.teachers.items():
     if name in external:
       teachers.append(_external_teacher_plan(config, external[name], float(weight), per_replica,
-                                             data, jnp.dtype(source.dtype), where))
+                                             data, jnp.dtype(source.dtype), where,
+                                             stage.num_replicas))
       continue
     theirs = earlier[name].num_replicas
     if per_replica and (stage.num_replicas < 2 or stage.num_replicas != theirs):
@@ -423,7 +460,19 @@ def _teacher_source_plan(config, stage, earlier, external, data, augment: Augmen
 
 
 def _external_teacher_plan(config, teacher: ExternalTeacher, weight, per_replica, data, dtype,
-                           where) -> TeacherPlan:
+                           where, own_replicas: int = 1) -> TeacherPlan:
+  if teacher.layout == 'kdjax':  # another run's stage: the model and replicas it trained.
+    if per_replica and (own_replicas < 2 or own_replicas != teacher.num_replicas):
+      raise KdjaxError(f"{where}: teacher_source.replica 'matching' needs the same number of "
+                       f"replicas (>= 2) as teacher '{teacher.name}', which has "
+                       f'{teacher.num_replicas}; this stage has {own_replicas}.')
+    model = _model(config, teacher.model_name, data, where, dtype, shortcut=teacher.shortcut)
+    if models.is_multi_exit(model):
+      raise KdjaxError(f"{where}: teacher '{teacher.name}' is a multi-exit model; use a "
+                       'single-exit stage as a teacher.')
+    return TeacherPlan(teacher.name, weight, model, num_replicas=teacher.num_replicas,
+                       per_replica=per_replica, source_path=teacher.path, layout='kdjax',
+                       fingerprint=teacher.fingerprint)
   if per_replica:
     raise KdjaxError(f"{where}: external teacher '{teacher.name}' is one model (one file), so "
                      "teacher_source.replica 'matching' has no replica r to pair; use 'first'.")

@@ -128,12 +128,16 @@ def cache(source: LiveTeacher, data: train.DeviceData, normalization: train.Norm
 def load_variables(teacher_plan, workdir: str, image_shape) -> dict:
   """The final `{params, batch_stats}` of the teacher `teacher_plan` names (a `plan.TeacherPlan`).
 
-  A finished stage of this run: with `per_replica` False the source keeps replica 0 of a
-  replicated teacher stage, else all of its replicas stacked. An external teacher
+  A finished stage of this run, or of another run (`'/path/to/workdir:stage'`, refused if its
+  final checkpoint changed since planning): with `per_replica` False the source keeps replica 0
+  of a replicated teacher stage, else all of its replicas stacked. An external teacher
   (`teacher_plan.source_path`): its file in its public layout (`kdjax.torch_import`), refused if
   it has changed since the run was planned.
   """
-  if teacher_plan.source_path:
+  stage = teacher_plan.stage
+  if teacher_plan.layout == 'kdjax':  # a finished stage of another kdjax run.
+    workdir, stage = teacher_plan.source_path, stage.rpartition(':')[2]
+  elif teacher_plan.source_path:
     return torch_import.load_variables(
         teacher_plan.source_path, teacher_plan.model, image_shape, teacher_plan.layout,
         fingerprint=teacher_plan.fingerprint,
@@ -144,7 +148,7 @@ def load_variables(teacher_plan, workdir: str, image_shape) -> dict:
     shapes = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct((teacher_plan.num_replicas, *s.shape), s.dtype), shapes)
   variables = checkpoints.load_final_variables(
-      os.path.join(workdir, 'stages', teacher_plan.stage), shapes)
+      os.path.join(workdir, 'stages', stage), shapes, fingerprint=teacher_plan.fingerprint)
   if stacked and not teacher_plan.per_replica:
     variables = train.replica(variables, 0)
   return variables

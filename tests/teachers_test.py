@@ -7,12 +7,14 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import REPO
 from kdjax import experiment
 from kdjax import models
 from kdjax import teachers
 from kdjax import train
+from kdjax.errors import KdjaxError
 from reliability_test import final_arrays
 
 NORM = train.Normalization(jnp.full((1,), 0.4), jnp.full((1,), 0.3))
@@ -123,3 +125,27 @@ def test_a_student_learns_from_two_weighted_teachers(tmp_path):
   # Averaging the logits is another target distribution, and another student.
   assert not all(np.allclose(a, b, rtol=1e-4, atol=1e-5)
                  for a, b in zip(params['probabilities'], params['logits']))
+
+
+def test_a_finished_stage_of_another_run_teaches_as_it_did_there(tmp_path):
+  # The student of run A, trained again in run B from A's teacher named '/path/to/A:teacher':
+  # the same teacher variables, seeds and batches, hence the same student, bit for bit.
+  first = tmp_path / 'first'
+  experiment.run(tiny_config(), str(first))
+  from experiments.configs.takd_default import stage
+  config = tiny_config()
+  config.stages = {'student': stage('plain_cnn_2', 'kd', teacher=f'{first}:teacher')}
+  config.stage_order = ('student',)
+  rows = experiment.run(config, str(tmp_path / 'second'))
+  assert [r.name for r in rows] == ['student'] and rows[0].teacher == f'{first}:teacher'
+  _, there = final_arrays(first, 'student')
+  _, here = final_arrays(tmp_path / 'second', 'student')
+  for a, b in zip(there, here):
+    np.testing.assert_array_equal(a, b)
+  for teacher, message in ((f'{tmp_path}/nowhere:teacher', 'holds no kdjax run'),
+                           (f'{first}:ghost', "has no stage 'ghost'; its stages are: student, "
+                                              'teacher')):
+    config.stages.student.teacher = teacher
+    with pytest.raises(KdjaxError, match=message):
+      experiment.run(config, str(tmp_path / 'third'))
+  assert not (tmp_path / 'third').exists()
