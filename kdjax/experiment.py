@@ -70,6 +70,10 @@ class StageResult:
   val_accuracy: Optional[float] = None
   selected_epoch: Optional[object] = None
   selected_test_accuracy: Optional[float] = None
+  # Provenance: each teacher's fingerprint when this stage finished (final checkpoint or file),
+  # and whether a teacher has changed since (the result was then trained from another one).
+  teacher_fingerprints: Optional[dict] = None
+  stale: bool = False
 
 
 class Splits(NamedTuple):
@@ -103,8 +107,7 @@ def run_stage(plan: planning.StagePlan, workdir: str, splits: Splits,
       t.checkpoints_to_keep)) as manager:
     state, meta = restore_or_init_state(plan, manager)
     if meta.get('final'):
-      print(f"[{name}] finished earlier (step {_step_of(state)}); not retrained.")
-      return StageResult(**meta['result'])
+      return finished_earlier(plan, workdir, meta['result'], _step_of(state))
     start, wall_s_before = time.perf_counter(), meta.get('wall_s', 0.0)
     wall_s = lambda: wall_s_before + time.perf_counter() - start
     state = parallel.put_replicated(state, mesh)
@@ -157,10 +160,28 @@ def run_stage(plan: planning.StagePlan, workdir: str, splits: Splits,
                           'resume.')
     progress.close()
     _check_finite(unchecked, name, step, plan.loss_name)
-    result = stage_result(plan, history, state, wall_s(), compile_s)
+    result = stage_result(plan, history, state, wall_s(), compile_s,
+                          teachers.fingerprints(plan, workdir))
     save_checkpoint(manager, state, final=True, wall_s=result.wall_s,
                     result=dataclasses.asdict(result))
     return result
+
+
+def finished_earlier(plan: planning.StagePlan, workdir: str, recorded: dict,
+                     step: int) -> StageResult:
+  """A finished stage's recorded result, marked stale if a teacher changed since it trained."""
+  result = StageResult(**recorded)
+  now = teachers.fingerprints(plan, workdir)
+  changed = sorted(t for t, f in now.items() if (result.teacher_fingerprints or {}).get(t) != f)
+  if changed and result.teacher_fingerprints is not None:
+    result.stale = True
+    print(f"[{plan.name}] finished earlier (step {step}), but its teacher "
+          f"{', '.join(changed)} has changed since (retrained or replaced): its result is "
+          f"stale. Delete {workdirs.stage_dir(workdir, plan.name)} to retrain it from the "
+          'current teacher.')
+  else:  # a result recorded before fingerprints were kept cannot be judged: kept as it is.
+    print(f"[{plan.name}] finished earlier (step {step}); not retrained.")
+  return result
 
 
 def restore_or_init_state(plan: planning.StagePlan, manager):
@@ -229,7 +250,7 @@ def epoch_summary(plan, eval_step, state, splits: Splits, mesh, epoch_metrics, s
 
 
 def stage_result(plan: planning.StagePlan, history: List[dict], state, wall_s: float,
-                 compile_s: float) -> StageResult:
+                 compile_s: float, teacher_fingerprints: Optional[dict] = None) -> StageResult:
   """The stage's row of the results table, from its metrics history and final state."""
   last = history[-1]
   mean = lambda key: float(np.mean(last[key]))  # a replica list, or one number.
@@ -241,7 +262,8 @@ def stage_result(plan: planning.StagePlan, history: List[dict], state, wall_s: f
       params=models.count_params(first(state.params)), epochs=plan.train.epochs,
       wall_s=wall_s, compile_s=compile_s,
       images_per_s=float(np.median([m['images_per_s'] for m in history])),
-      skipped_steps=int(sum(m.get('skipped_steps', 0) for m in history)))
+      skipped_steps=int(sum(m.get('skipped_steps', 0) for m in history)),
+      teacher_fingerprints=teacher_fingerprints or None)
   if 'val_accuracy' in last:
     result.val_accuracy = mean('val_accuracy')
     result.selected_epoch, result.selected_test_accuracy = _select_on_validation(history)

@@ -96,7 +96,8 @@ def markdown_table(rows: List[dict], baseline: str = '') -> str:
   header[5:5] = extra  # after the test accuracy: the paired and validation-selected views.
   cells = [header]
   for row in rows:
-    line = [row['name'], row['model'], row['teacher'] or '—', row['loss'],
+    line = [row['name'] + (' (stale)' if row.get('stale') else ''), row['model'],
+            row['teacher'] or '—', row['loss'],
             _accuracy_cell(row), f"{row['test_nontrue_mass']:.4f}",
             f"{row['test_entropy']:.4f}", f"{row['params']:,}", f"{row['wall_s']:.1f}"]
     extra = []
@@ -171,6 +172,9 @@ def write(workdir: str, dataset, rows: List[dict], histories: Dict[str, List[dic
     json.dump({**meta, **({'paired_vs_baseline': paired} if baseline else {}), 'stages': rows},
               f, indent=2)
   table = markdown_table(rows, baseline)
+  if any(row.get('stale') for row in rows):
+    table += ('\n\n(stale): the stage finished earlier, and a teacher of it has changed since; '
+              'its numbers are from the teacher it had. Delete its stage folder to retrain it.')
   if comparisons:
     table += '\n\n' + paired_verdicts(comparisons, baseline)
   exits_table = multi_exit_table(rows)

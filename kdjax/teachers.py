@@ -154,6 +154,16 @@ def load_variables(teacher_plan, workdir: str, image_shape) -> dict:
   return variables
 
 
+def fingerprints(stage_plan, workdir: str) -> dict:
+  """`{teacher: SHA-256}` of what each of the stage's teachers is now: the final checkpoint of a
+  stage (of this run or another), or an external file. A student records it when it finishes."""
+  found = {}
+  for teacher in stage_plan.teacher.teachers:
+    found[teacher.stage] = teacher.fingerprint or checkpoints.final_fingerprint(
+        os.path.join(workdir, 'stages', teacher.stage))
+  return found
+
+
 def make_source(stage_plan, workdir: str, train_data: train.DeviceData,
                 normalization: train.Normalization, mesh, log=print):
   """The teacher source a stage plan asks for: none, live, cached, or an ensemble of them."""
