@@ -21,6 +21,7 @@ import ml_collections
 import optax
 
 from kdjax import config_layout
+from kdjax import flax_import
 from kdjax import models
 from kdjax import stage_losses
 from kdjax import torch_import
@@ -249,10 +250,13 @@ def _check_external_teachers(config, stage_names) -> List[str]:
       if not isinstance(block[key], str) or not block[key]:
         raise KdjaxError(f'{where}.{key} must be a non-empty string, got {block[key]!r}.')
     try:
-      torch_import.check_model(block.model, block.layout)
+      if block.layout in flax_import.LAYOUTS:  # any model of the registry.
+        models.check_model_name(block.model)
+      else:
+        torch_import.check_model(block.model, block.layout)
     except KdjaxError as e:
       raise KdjaxError(f'{where}: {e}') from None
-    if not os.path.isfile(block.path):
+    if not os.path.exists(block.path):
       raise KdjaxError(f"{where}: the file '{block.path}' does not exist; check the path.")
   return names
 
@@ -261,6 +265,12 @@ def _external_teacher(config, name, data: DataInfo) -> ExternalTeacher:
   """The external teacher `name`, its file read and checked against its layout."""
   block = config.external_teachers[name]
   source = f"config.external_teachers.{name} ('{block.path}')"
+  if block.layout in flax_import.LAYOUTS:  # a Flax or Orbax checkpoint of a registry model.
+    model = _model(config, block.model, data, source)
+    flax_import.read_variables(block.path, block.layout,
+                               models.variable_shapes(model, data.image_shape), source)
+    return ExternalTeacher(name, block.model, block.path, block.layout,
+                           flax_import.fingerprint(block.path))
   model = torch_import.build_model(block.model, data.num_classes, conv=config.model.conv)
   fingerprint = torch_import.sha256(block.path)
   try:
@@ -476,8 +486,10 @@ def _external_teacher_plan(config, teacher: ExternalTeacher, weight, per_replica
   if per_replica:
     raise KdjaxError(f"{where}: external teacher '{teacher.name}' is one model (one file), so "
                      "teacher_source.replica 'matching' has no replica r to pair; use 'first'.")
+  torch_layout = teacher.layout not in flax_import.LAYOUTS  # their ResNets: projections.
   model = _model(config, teacher.model_name, data, where, dtype,
-                 shortcut='projection' if teacher.model_name.startswith('resnet') else None)
+                 shortcut='projection' if torch_layout and teacher.model_name.startswith('resnet')
+                 else None)
   return TeacherPlan(teacher.name, weight, model, num_replicas=1, per_replica=False,
                      source_path=teacher.path, layout=teacher.layout,
                      fingerprint=teacher.fingerprint)

@@ -34,10 +34,12 @@ import jax
 import jax.numpy as jnp
 
 from kdjax import checkpoints
+from kdjax import flax_import
 from kdjax import models
 from kdjax import parallel
 from kdjax import torch_import
 from kdjax import train
+from kdjax.errors import KdjaxError
 
 
 @struct.dataclass
@@ -137,6 +139,13 @@ def load_variables(teacher_plan, workdir: str, image_shape) -> dict:
   stage = teacher_plan.stage
   if teacher_plan.layout == 'kdjax':  # a finished stage of another kdjax run.
     workdir, stage = teacher_plan.source_path, stage.rpartition(':')[2]
+  elif teacher_plan.layout in flax_import.LAYOUTS:
+    source = f"external teacher '{teacher_plan.stage}' ('{teacher_plan.source_path}')"
+    if flax_import.fingerprint(teacher_plan.source_path) != teacher_plan.fingerprint:
+      raise KdjaxError(f'{source} changed after this run was planned; re-run the command.')
+    return flax_import.read_variables(teacher_plan.source_path, teacher_plan.layout,
+                                      models.variable_shapes(teacher_plan.model, image_shape),
+                                      source)
   elif teacher_plan.source_path:
     return torch_import.load_variables(
         teacher_plan.source_path, teacher_plan.model, image_shape, teacher_plan.layout,

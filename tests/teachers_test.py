@@ -171,3 +171,34 @@ def test_a_student_whose_teacher_changed_since_is_reported_stale(tmp_path, capsy
   assert 'student (stale)' in (run / 'results.md').read_text()
   recorded = json.loads((run / 'results.json').read_text())['stages'][1]
   assert recorded['stale'] and recorded['teacher_fingerprints'] == first[1].teacher_fingerprints
+
+
+def test_a_flax_or_orbax_checkpoint_of_a_registry_model_teaches(tmp_path):
+  # The tiny run's teacher saved as a user's Flax file and Orbax folder: a student taught from
+  # either is the run's own student, bit for bit (same variables, seeds and batches).
+  import flax
+  import orbax.checkpoint as ocp
+  from experiments.configs.takd_default import stage
+  from kdjax import checkpoints
+  first = tmp_path / 'first'
+  experiment.run(tiny_config(), str(first))
+  variables = checkpoints.load_final_variables(
+      str(first / 'stages' / 'teacher'), models.variable_shapes(TEACHER, (8, 8, 1)))
+  (tmp_path / 'teacher.msgpack').write_bytes(flax.serialization.to_bytes(variables))
+  with ocp.StandardCheckpointer() as checkpointer:  # closing waits for the write.
+    checkpointer.save(str(tmp_path / 'teacher_orbax'), variables)
+  _, expected = final_arrays(first, 'student')
+  for layout, path in (('flax', tmp_path / 'teacher.msgpack'),
+                       ('orbax', tmp_path / 'teacher_orbax')):
+    config = tiny_config()
+    config.external_teachers = {'mine': dict(path=str(path), model='plain_cnn_4', layout=layout)}
+    config.stages = {'student': stage('plain_cnn_2', 'kd', teacher='mine')}
+    config.stage_order = ('student',)
+    experiment.run(config, str(tmp_path / layout))
+    _, got = final_arrays(tmp_path / layout, 'student')
+    for a, b in zip(expected, got):
+      np.testing.assert_array_equal(a, b)
+  config.external_teachers.mine.model = 'plain_cnn_6'  # not the model the file holds.
+  with pytest.raises(KdjaxError, match=r"entry 'params/Conv_2/kernel'|shape"):
+    experiment.run(config, str(tmp_path / 'wrong'))
+  assert not (tmp_path / 'wrong').exists()

@@ -411,3 +411,22 @@ def test_a_student_distils_from_an_imported_pytorch_teacher(tmp_path):
   save(torch_network('plain_cnn_4', image_shape=dataset.image_shape, seed=6), path, 'takd')
   with pytest.raises(KdjaxError, match='has changed since this run was planned'):
     teachers.load_variables(plan.teacher.teachers[0], workdir, plan.image_shape)
+
+
+def test_the_import_command_scores_the_teacher_and_writes_a_checkpoint_a_config_names(tmp_path):
+  from kdjax import import_teacher
+  dataset = experiment.load_dataset(external_config('unused'))
+  module = torch_network('plain_cnn_4', image_shape=dataset.image_shape, seed=7)
+  path = save(module, str(tmp_path / 'plain4.pth'), 'plain')
+  out = str(tmp_path / 'teacher_orbax')
+  accuracy = import_teacher.import_teacher(path, 'plain_cnn_4', 'takd', out, dataset)
+  # PyTorch's own accuracy on the same normalised test images.
+  mean, std = kd_data.channel_stats(dataset.x_train)
+  logits = torch_logits(module, np.asarray(kd_data.normalize(dataset.x_test, mean, std),
+                                           np.float32))
+  assert accuracy == pytest.approx(float(np.mean(logits.argmax(-1) == dataset.y_test)), abs=1e-6)
+  with pytest.raises(KdjaxError, match='exists already'):
+    import_teacher.import_teacher(path, 'plain_cnn_4', 'takd', out, dataset)
+  config = external_config(out, layout='orbax')
+  (result,) = experiment.run(config, str(tmp_path / 'run'))
+  assert result.teacher == 'torch4' and np.isfinite(result.test_loss)
