@@ -8,10 +8,11 @@ writes, so a mistake is reported before anything is trained or written. The trai
 A teacher is an earlier stage of the run or an external teacher (`config.external_teachers`: a
 PyTorch or safetensors file, `kdjax.torch_import`), whose file is read and checked against its
 layout here and whose SHA-256 the plan records (`TeacherPlan.fingerprint`): a stage trained
-from a file that has changed since can then be told apart (reporting that is not done yet).
+from a file that has changed since is then reported stale (`experiment.finished_earlier`).
 """
 
 import dataclasses
+import json
 import os
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from kdjax import checkpoints
 from kdjax import config_layout
 from kdjax import flax_import
 from kdjax import models
@@ -291,8 +293,6 @@ def _workdir_references(config) -> List[str]:
 def _other_run_teacher(reference: str) -> ExternalTeacher:
   """A finished stage of another kdjax run: its model and replicas from that run's config.json,
   the fingerprint of its final checkpoint (which must exist)."""
-  import json
-  from kdjax import checkpoints
   workdir, stage = config_layout.workdir_reference(reference)
   where = f"teacher '{reference}'"
   path = os.path.join(workdir, 'config.json')
