@@ -12,16 +12,16 @@ newest checkpoint that is intact, saying so; it never trains on from garbage sil
 """
 
 import contextlib
+import errno
 import hashlib
 import os
-import shutil
 from typing import Optional, Tuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from kdjax.errors import KdjaxError
+from kdjax.errors import KdjaxError, environment_fault
 
 
 def manager(directory: str, keep: Optional[int], read_only: bool = False):
@@ -47,13 +47,48 @@ def _items(state):
 
 
 def save(mgr, state, meta: dict) -> None:
-  """Saves `state` asynchronously from a host copy (the next step donates the device buffers)."""
+  """Saves `state` asynchronously from a host copy (the next step donates the device buffers).
+
+  A failed write (this one or the previous, still in flight) raises an `OSError`.
+  """
   model, optimizer = jax.device_get(_items(state))
   meta = {**meta, 'fingerprint': fingerprint((model, optimizer))}
   step = int(np.ravel(optimizer['step'])[0])  # replicated states share one step count.
-  mgr.save(step, args=ocp.args.Composite(
-      model=ocp.args.StandardSave(model), optimizer=ocp.args.StandardSave(optimizer),
-      meta=ocp.args.JsonSave(meta)))
+  with _writes_of(mgr):
+    mgr.save(step, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(model), optimizer=ocp.args.StandardSave(optimizer),
+        meta=ocp.args.JsonSave(meta)))
+
+
+@contextlib.contextmanager
+def opened(directory: str, keep: Optional[int]):
+  """A manager for `directory`, closed however the block ends. Closing waits for the saves in
+  flight, and one that failed raises an `OSError`. (An Orbax manager left open also prints
+  asyncio tracebacks at interpreter exit.)"""
+  mgr = manager(directory, keep)
+  try:
+    yield mgr
+  finally:
+    with _writes_of(mgr):
+      mgr.close()
+
+
+@contextlib.contextmanager
+def _writes_of(mgr):
+  """Orbax's and TensorStore's errors while writing a checkpoint, as the `OSError` behind them:
+  the disk filled, the folder vanished or became read-only. Writes fail for such reasons, not
+  for the arrays' sake (which were just read from memory)."""
+  try:
+    yield
+  except Exception as e:  # an OSError already, or a ValueError / RuntimeError around one.
+    fault = environment_fault(e)
+    if fault is None:
+      directory = str(mgr.directory)
+      first_line = (str(e).splitlines() or [type(e).__name__])[0][:300]
+      fault = (OSError(errno.ENOENT, os.strerror(errno.ENOENT), directory)
+               if not os.path.isdir(directory) else
+               OSError(errno.EIO, f'writing a checkpoint failed ({first_line})', directory))
+    raise fault from e
 
 
 def _restore(mgr, step: int, abstract_state):
@@ -100,23 +135,46 @@ def restore_latest_good(mgr, abstract_state, where: str) -> Tuple[Optional[int],
 def _quarantine(mgr, steps, where: str) -> None:
   """Moves damaged checkpoints aside (kept for inspection) so the resumed stage can save anew.
 
-  With several processes, process 0 moves them and the others wait for it before reloading.
+  `<stage>/damaged_checkpoints/<step>` (then `<step>.1`, ... if that name is taken): a rename
+  within the stage folder, which never follows a symbolic link, never copies and never deletes
+  anything. With several processes, process 0 moves them and the others wait for it before
+  reloading.
   """
   if not steps:
     return
   if jax.process_index() == 0:
     aside = os.path.join(os.path.dirname(str(mgr.directory)), 'damaged_checkpoints')
+    if os.path.islink(aside) or (os.path.lexists(aside) and not os.path.isdir(aside)):
+      raise KdjaxError(f'[{where}] {aside} is a symbolic link or a file, not a folder kdjax '
+                       'made; kdjax moves damaged checkpoints only into a folder of its own. '
+                       'Move it away and re-run.')
     os.makedirs(aside, exist_ok=True)
     for step in steps:
-      target = os.path.join(aside, f'{step}')
-      if os.path.exists(target):
-        shutil.rmtree(target)
-      shutil.move(os.path.join(str(mgr.directory), str(step)), target)
+      target, copy = os.path.join(aside, f'{step}'), 0
+      while os.path.lexists(target):
+        copy += 1
+        target = os.path.join(aside, f'{step}.{copy}')
+      os.rename(os.path.join(str(mgr.directory), str(step)), target)
     print(f'[{where}] moved damaged checkpoints {steps} to {aside}.')
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices('kdjax: damaged checkpoints moved')
   mgr.reload()
+
+
+def latest_meta(directory: str) -> dict:
+  """The `meta` item of the newest checkpoint in `directory` whose meta reads (`{}` if none):
+  its arrays are not read, so the provenance of every stage can be checked before a run writes
+  anything. The restore itself verifies the arrays."""
+  if not os.path.isdir(directory):
+    return {}
+  with contextlib.closing(manager(directory, keep=None, read_only=True)) as mgr:
+    for step in sorted(mgr.all_steps(), reverse=True):
+      try:
+        return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+      except Exception:  # damaged: the restore falls back past it and says so.
+        continue
+  return {}
 
 
 def _final_meta(mgr, stage_dir: str) -> Tuple[int, dict]:

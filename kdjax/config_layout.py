@@ -38,8 +38,9 @@ STAGE_KEYS = ('model', 'loss', 'loss_kw', 'teacher', 'teachers', 'num_replicas',
               'teacher_source')
 EXTERNAL_TEACHER_KEYS = ('path', 'model', 'layout')
 TEACHER_SOURCE_DEFAULTS = {'replica': 'first', 'cache_logits': True, 'dtype': 'float32'}
-# Settings that change how a run is shown or cached, never what it computes.
-RUNTIME_ONLY_KEYS = ('progress_bar', 'compilation_cache_dir')
+# Settings that change how a run is shown or guarded, not what it computes: left out of
+# config.json, so changing one (to resume past a skipped-step failure, say) is the same run.
+RUNTIME_ONLY_KEYS = ('progress_bar', 'compilation_cache_dir', 'max_skipped_fraction')
 # Layout 1's teacher settings in `kd`, by their name in `teacher_source`.
 _LAYOUT1_TEACHER_KEYS = {'teacher_replica': 'replica', 'cache_teacher_logits': 'cache_logits',
                          'teacher_dtype': 'dtype'}

@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import os
 import signal
-import threading
 import time
 import zlib
 from typing import List, NamedTuple, Optional
@@ -34,6 +33,7 @@ from kdjax import models
 from kdjax import parallel
 from kdjax import plan as planning
 from kdjax import report
+from kdjax import stop_signals
 from kdjax import teachers
 from kdjax import tensorboard
 from kdjax import train
@@ -70,17 +70,20 @@ class StageResult:
   val_accuracy: Optional[float] = None
   selected_epoch: Optional[object] = None
   selected_test_accuracy: Optional[float] = None
-  # Provenance: each teacher's fingerprint when this stage finished (final checkpoint or file),
-  # and whether a teacher has changed since (the result was then trained from another one).
+  # Provenance (SHA-256): each teacher's final checkpoint (or file), the data's arrays and the
+  # stage's effective settings, as they were when it trained. A resume or a skip that finds one
+  # changed is refused (`restore_checked`).
   teacher_fingerprints: Optional[dict] = None
-  stale: bool = False
+  data_fingerprint: Optional[str] = None
+  settings_fingerprint: Optional[str] = None
 
 
 class Splits(NamedTuple):
-  """The dataset on device, replicated on every device of the mesh."""
+  """The dataset on device, replicated on every device of the mesh, and its fingerprint."""
   train: train.DeviceData
   test: train.DeviceData
   validation: Optional[train.DeviceData]
+  fingerprint: str = ''  # `kdjax.data.fingerprint`: SHA-256 of the arrays.
 
 
 def device_splits(dataset: kd_data.Dataset, mesh) -> Splits:
@@ -91,7 +94,8 @@ def device_splits(dataset: kd_data.Dataset, mesh) -> Splits:
 
 
 def run_stage(plan: planning.StagePlan, workdir: str, splits: Splits,
-              normalization: train.Normalization, mesh, progress_bar: bool = True) -> StageResult:
+              normalization: train.Normalization, mesh, progress_bar: bool = True,
+              overwrite: bool = False) -> StageResult:
   """Trains (or resumes, or skips if finished) one stage and returns its result.
 
   With N > 1 replicas it trains N students in one step: replica r is initialised from seed
@@ -100,26 +104,27 @@ def run_stage(plan: planning.StagePlan, workdir: str, splits: Splits,
   """
   t, name = plan.train, plan.name
   os.makedirs(workdirs.stage_dir(workdir, name), exist_ok=True)
-  # Closed on every way out (finished, preempted, or an error): closing waits for pending saves,
-  # and an Orbax manager left open prints asyncio tracebacks at interpreter exit.
-  with contextlib.closing(checkpoints.manager(
-      os.path.join(workdirs.stage_dir(workdir, name), 'checkpoints'),
-      t.checkpoints_to_keep)) as manager:
-    state, meta = restore_or_init_state(plan, manager)
+  provenance = stage_provenance(plan, workdir, splits)
+  # Closed on every way out (finished, preempted, or an error), waiting for pending saves.
+  with checkpoints.opened(os.path.join(workdirs.stage_dir(workdir, name), 'checkpoints'),
+                          t.checkpoints_to_keep) as manager:
+    state, meta = restore_checked(plan, manager, workdir, provenance, overwrite)
     if meta.get('final'):
-      return finished_earlier(plan, workdir, meta['result'], _step_of(state))
+      return finished_earlier(plan, workdir, meta, _step_of(state))
     start, wall_s_before = time.perf_counter(), meta.get('wall_s', 0.0)
     wall_s = lambda: wall_s_before + time.perf_counter() - start
+    save = lambda **kw: save_checkpoint(manager, state, wall_s=wall_s(), history=history,
+                                        provenance=provenance, epoch_steps=epoch_metrics, **kw)
     state = parallel.put_replicated(state, mesh)
     metrics_file = workdirs.metrics_path(workdir, name)
-    history = workdirs.resumed_metrics(metrics_file, _step_of(state) // t.steps_per_epoch)
+    history = resumed_history(meta, metrics_file, _step_of(state) // t.steps_per_epoch)
     teacher = teachers.make_source(plan, workdir, splits.train, normalization, mesh)
     train_step, eval_step, compile_s = compile_steps(plan, state, teacher, splits.train,
                                                      normalization, mesh)
     augment_keys = _replica_keys(plan, 'augment')
     step = _step_of(state)
     progress = _progress_bar(progress_bar, name, t.total_steps, step)
-    permutation, epoch_metrics, unchecked = None, [], []
+    permutation, epoch_metrics, unchecked = None, resumed_epoch_steps(meta), []
     epoch_start, epoch_images = time.perf_counter(), 0
     with _preemption_guard() as preempted, tensorboard.open_writer(
         workdirs.stage_dir(workdir, name), history) as events:  # rewritten from history.
@@ -147,40 +152,125 @@ def run_stage(plan: planning.StagePlan, workdir: str, splits: Splits,
           tensorboard.write_epoch(events, summary)
           progress.set_postfix(loss=f"{summary['train_loss']:.3f}",
                                test_acc=f"{np.mean(summary['test_accuracy']):.3f}")
+          _check_skipped(plan, history, step)
           epoch_metrics, epoch_start, epoch_images = [], time.perf_counter(), 0
         periodic = t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0
         if step < t.total_steps and (end_of_epoch or periodic or preempted(step)):
           _check_finite(unchecked, name, step, plan.loss_name)  # never checkpoint a NaN state.
           unchecked = []
-          save_checkpoint(manager, state, final=False, wall_s=wall_s())
+          save(final=False)
         if preempted(step) and step < t.total_steps:
           progress.close()
-          raise Preempted(f"[{name}] stopped by SIGTERM at step {step}; checkpoint saved in "
-                          f"{workdirs.stage_dir(workdir, name)}. Re-run the same command to "
-                          'resume.')
+          raise Preempted(f"[{name}] stopped by {stop_signals.signal_name(preempted.signum)} at step {step}; "
+                          f'checkpoint saved in {workdirs.stage_dir(workdir, name)}. Re-run the '
+                          'same command to resume.', preempted.signum)
     progress.close()
     _check_finite(unchecked, name, step, plan.loss_name)
-    result = stage_result(plan, history, state, wall_s(), compile_s,
-                          teachers.fingerprints(plan, workdir))
-    save_checkpoint(manager, state, final=True, wall_s=result.wall_s,
-                    result=dataclasses.asdict(result))
+    result = stage_result(plan, history, state, wall_s(), compile_s, provenance)
+    save(final=True, result=dataclasses.asdict(result))
     return result
 
 
-def finished_earlier(plan: planning.StagePlan, workdir: str, recorded: dict,
-                     step: int) -> StageResult:
-  """A finished stage's recorded result, marked stale if a teacher changed since it trained."""
-  result = StageResult(**recorded)
-  now = teachers.fingerprints(plan, workdir)
-  changed = sorted(t for t, f in now.items() if (result.teacher_fingerprints or {}).get(t) != f)
-  if changed and result.teacher_fingerprints is not None:
-    result.stale = True
-    print(f"[{plan.name}] finished earlier (step {step}), but its teacher "
-          f"{', '.join(changed)} has changed since (retrained or replaced): its result is "
-          f"stale. Delete {workdirs.stage_dir(workdir, plan.name)} to retrain it from the "
-          'current teacher.')
-  else:  # a result recorded before fingerprints were kept cannot be judged: kept as it is.
-    print(f"[{plan.name}] finished earlier (step {step}); not retrained.")
+def stage_provenance(plan: planning.StagePlan, workdir: str, splits: 'Splits') -> dict:
+  """What the stage is trained from, as fingerprints: the data's arrays, its effective settings
+  and each teacher's final checkpoint (or file). Every checkpoint of the stage records it."""
+  return {'data': splits.fingerprint, 'settings': plan.settings_fingerprint,
+          'teachers': teachers.fingerprints(plan, workdir)}
+
+
+def provenance_changes(recorded: Optional[dict], now: dict) -> List[str]:
+  """What differs between a checkpoint's recorded provenance and the current one, in words.
+
+  A fingerprint the checkpoint does not hold (written by an earlier kdjax) cannot be judged
+  and counts as unchanged.
+  """
+  recorded = recorded or {}
+  changes = []
+  if recorded.get('data') and recorded['data'] != now['data']:
+    changes.append('the data: its arrays differ from those it trained on (another file, or '
+                   'the same file changed)')
+  if recorded.get('settings') and recorded['settings'] != now['settings']:
+    changes.append("the config: the stage's effective settings differ from those it trained "
+                   'with (config.json deleted or edited, and another config given?)')
+  for teacher, fingerprint in sorted((recorded.get('teachers') or {}).items()):
+    if teacher in now['teachers'] and now['teachers'][teacher] != fingerprint:
+      changes.append(f"its teacher '{teacher}': retrained or replaced since this stage used it")
+  return changes
+
+
+def refuse_changed_stages(plans, workdir: str, data_fingerprint: str) -> None:
+  """Before a run writes anything: refuses it if a stage's checkpoints were trained on other
+  data or with other settings than now (teachers are checked as each stage starts, once its
+  teachers are final: `restore_checked`)."""
+  for plan in plans:
+    meta = checkpoints.latest_meta(
+        os.path.join(workdirs.stage_dir(workdir, plan.name), 'checkpoints'))
+    now = {'data': data_fingerprint, 'settings': plan.settings_fingerprint, 'teachers': {}}
+    changes = provenance_changes(meta.get('provenance'), now)
+    if changes:
+      raise KdjaxError(_changed_message(plan.name, workdirs.stage_dir(workdir, plan.name),
+                                        '; '.join(changes)))
+
+
+def _changed_message(name: str, folder: str, what: str) -> str:
+  return (f"stage '{name}' in {folder} was trained from something else than this run gives it "
+          f'now: {what}. kdjax will not resume it or report it as if nothing had changed. '
+          'Re-run with what it was trained from; or pass --overwrite to train this stage (and '
+          'any stage it teaches) again from what is there now; or use a new --workdir.')
+
+
+def restore_checked(plan: planning.StagePlan, manager, workdir: str, provenance: dict,
+                    overwrite: bool):
+  """`restore_or_init_state`, refusing a checkpoint trained from something else than now.
+
+  With `overwrite`, such a stage's checkpoints are deleted and it starts again instead.
+  """
+  state, meta = restore_or_init_state(plan, manager)
+  recorded = meta.get('provenance')
+  if recorded is None and meta.get('result'):  # a finished stage recorded by an earlier kdjax.
+    recorded = {'teachers': meta['result'].get('teacher_fingerprints')}
+  changes = provenance_changes(recorded, provenance)
+  if not changes:
+    return state, meta
+  what = '; '.join(changes)
+  folder = workdirs.stage_dir(workdir, plan.name)
+  if not overwrite:
+    raise KdjaxError(_changed_message(plan.name, folder, what))
+  print(f'[{plan.name}] --overwrite: {what}; deleting its checkpoints and training it again.')
+  if parallel.is_primary():
+    for step in manager.all_steps():
+      manager.delete(step)
+  workdirs.sync_processes(f'kdjax: {plan.name} checkpoints deleted')
+  manager.reload()
+  return restore_or_init_state(plan, manager)
+
+
+def resumed_history(meta: dict, metrics_file: str, completed_epochs: int) -> List[dict]:
+  """The epochs a restored checkpoint covers, from the checkpoint itself, written back to
+  `metrics.jsonl`: a torn or lost file is repaired, lines of epochs after the checkpoint are
+  dropped. A checkpoint of an earlier kdjax (no history in it) keeps the file's lines instead."""
+  if 'history' not in meta:
+    return workdirs.resumed_metrics(metrics_file, completed_epochs)
+  history = list(meta['history'])
+  workdirs.write_metrics(metrics_file, history)
+  return history
+
+
+def resumed_epoch_steps(meta: dict) -> List[dict]:
+  """The metrics of the steps a checkpoint saved mid-epoch (`save_checkpoint`), one dict each."""
+  stacked = {k: np.asarray(values, dtype) for k, (dtype, values) in
+             meta.get('epoch_steps', {}).items()}
+  count = len(next(iter(stacked.values()))) if stacked else 0
+  return [{k: v[i] for k, v in stacked.items()} for i in range(count)]
+
+
+def finished_earlier(plan: planning.StagePlan, workdir: str, meta: dict, step: int) -> StageResult:
+  """A finished stage's recorded result (its provenance was checked by `restore_checked`)."""
+  fields = {f.name for f in dataclasses.fields(StageResult)}
+  result = StageResult(**{k: v for k, v in meta['result'].items() if k in fields})
+  if 'history' in meta:  # a torn or lost metrics.jsonl comes back; an intact one is not touched.
+    workdirs.write_metrics(workdirs.metrics_path(workdir, plan.name), meta['history'])
+  print(f"[{plan.name}] finished earlier (step {step}); not retrained.")
   return result
 
 
@@ -209,11 +299,17 @@ def restore_or_init_state(plan: planning.StagePlan, manager):
   return make_state(variables), {}
 
 
-def save_checkpoint(manager, state, *, final: bool, wall_s: float,
+def save_checkpoint(manager, state, *, final: bool, wall_s: float, history: List[dict],
+                    provenance: dict, epoch_steps: List[dict] = (),
                     result: Optional[dict] = None) -> None:
-  """Saves the state, with `final` (the stage is done), the accumulated wall time and, for the
-  final checkpoint, the stage's result row."""
-  meta = {'final': final, 'wall_s': wall_s}
+  """Saves the state with its meta: `final` (the stage is done), the accumulated wall time, the
+  epochs' metrics so far (`metrics.jsonl` is rebuilt from them on resume), the steps of the
+  epoch in progress (so a resumed epoch's training means are those of an uninterrupted one), the
+  stage's provenance and, for the final checkpoint, the stage's result row."""
+  meta = {'final': final, 'wall_s': wall_s, 'history': history, 'provenance': provenance}
+  if epoch_steps and not final:
+    stacked = _stack_on_host(epoch_steps)
+    meta['epoch_steps'] = {k: [str(v.dtype), v.tolist()] for k, v in stacked.items()}
   if result is not None:
     meta['result'] = result
   checkpoints.save(manager, state, meta)
@@ -250,7 +346,7 @@ def epoch_summary(plan, eval_step, state, splits: Splits, mesh, epoch_metrics, s
 
 
 def stage_result(plan: planning.StagePlan, history: List[dict], state, wall_s: float,
-                 compile_s: float, teacher_fingerprints: Optional[dict] = None) -> StageResult:
+                 compile_s: float, provenance: Optional[dict] = None) -> StageResult:
   """The stage's row of the results table, from its metrics history and final state."""
   last = history[-1]
   mean = lambda key: float(np.mean(last[key]))  # a replica list, or one number.
@@ -263,7 +359,9 @@ def stage_result(plan: planning.StagePlan, history: List[dict], state, wall_s: f
       wall_s=wall_s, compile_s=compile_s,
       images_per_s=float(np.median([m['images_per_s'] for m in history])),
       skipped_steps=int(sum(m.get('skipped_steps', 0) for m in history)),
-      teacher_fingerprints=teacher_fingerprints or None)
+      teacher_fingerprints=(provenance or {}).get('teachers') or None,
+      data_fingerprint=(provenance or {}).get('data'),
+      settings_fingerprint=(provenance or {}).get('settings'))
   if 'val_accuracy' in last:
     result.val_accuracy = mean('val_accuracy')
     result.selected_epoch, result.selected_test_accuracy = _select_on_validation(history)
@@ -304,9 +402,10 @@ def _step_of(state) -> int:
 
 @contextlib.contextmanager
 def _preemption_guard():
-  """A `preempted(step)` poll, true once a preemption notice (SIGTERM) has arrived.
+  """A `preempted(step)` poll, true once a stop signal has arrived; `preempted.signum` names it.
 
-  One process: SIGTERM sets a flag the training loop polls after each step. Several processes
+  One process: the handlers of `kdjax.stop_signals` (installed here if the caller has not)
+  record SIGTERM and SIGINT, which the training loop polls after each step. Several processes
   (`jax.distributed`): JAX's preemption service receives the SIGTERM sent to any of them and
   `reached_preemption_sync_point(step)` turns true on every process at the same step, so all of
   them checkpoint that step.
@@ -321,17 +420,17 @@ def _preemption_guard():
         answered[step] = multihost_utils.reached_preemption_sync_point(step)
       return answered[step]
 
+    sync_point.signum = signal.SIGTERM
     yield sync_point
     return
-  received = []
-  if threading.current_thread() is not threading.main_thread():
-    yield lambda step: False  # signals can only be handled on the main thread.
-    return
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
-  try:
-    yield lambda step: bool(received)
-  finally:
-    signal.signal(signal.SIGTERM, previous)
+
+  def received(step: int) -> bool:
+    received.signum = stop_signals.received() or signal.SIGTERM
+    return bool(stop_signals.received())
+
+  received.signum = signal.SIGTERM
+  with stop_signals.stop_on_signals():
+    yield received
 
 
 def accuracy_at_best_validation(val: np.ndarray, test: np.ndarray):
@@ -377,6 +476,27 @@ def _check_finite(step_metrics, name, step, loss_name) -> None:
       'steps.')
 
 
+def _check_skipped(plan: planning.StagePlan, history: List[dict], step: int) -> None:
+  """Raises if nan_policy 'skip' has dropped more than `max_skipped_fraction` of a student's
+  steps so far in this stage: its result would be trained on what happened to be left."""
+  counts = [np.atleast_1d(m.get('skipped_steps_by_replica', m.get('skipped_steps', 0)))
+            for m in history]
+  if not counts:
+    return
+  skipped = sum(counts, np.zeros(1, int))  # an epoch with none dropped records one 0.
+  worst = int(np.argmax(skipped))
+  if skipped[worst] <= plan.max_skipped_fraction * step:
+    return
+  which = f' of replica {worst} (seed {plan.seeds[worst]})' if plan.replica_axis else ''
+  raise KdjaxError(
+      f"stage '{plan.name}': nan_policy 'skip' has dropped {int(skipped[worst])} of {step} "
+      f'steps{which} ({100 * skipped[worst] / step:.1f} %) for a non-finite loss, more than '
+      f'max_skipped_fraction = {plan.max_skipped_fraction:g}; a result trained on the steps that '
+      'happened to be left would not be trustworthy. Lower the learning rate or check the data '
+      'and teacher; or accept it with --config.max_skipped_fraction=F and re-run the same '
+      'command, which resumes from the last checkpoint.')
+
+
 def _stack_on_host(step_metrics) -> dict:
   """Per-step metric dicts (device scalars) → one dict of numpy arrays, in one transfer."""
   return jax.device_get(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *step_metrics))
@@ -386,8 +506,11 @@ def _train_summary(epoch_metrics) -> dict:
   stacked = _stack_on_host(epoch_metrics)
   kept = stacked['skipped'] == 0
   mean = lambda x: float(np.mean(x[kept])) if kept.any() else float('nan')
-  return {'train_loss': mean(stacked['loss']), 'train_accuracy': mean(stacked['accuracy']),
-          'skipped_steps': int((~kept).sum())}
+  summary = {'train_loss': mean(stacked['loss']), 'train_accuracy': mean(stacked['accuracy']),
+             'skipped_steps': int((~kept).sum())}
+  if kept.ndim == 2 and summary['skipped_steps']:  # [steps, replicas]: whose steps were dropped.
+    summary['skipped_steps_by_replica'] = (~kept).sum(axis=0).tolist()
+  return summary
 
 
 def _progress_bar(enabled: bool, name, total, initial):
@@ -423,27 +546,41 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         overwrite: bool = False) -> List[StageResult]:
   """Runs every stage of `config` in `workdir` and writes the results table and plot.
 
-  Every check (config, data, workdir) happens before anything is written.
+  Every check (config, data, workdir) happens before anything is written. SIGTERM or Ctrl-C
+  stop it at the next safe point with `Preempted` (`kdjax.stop_signals`).
   """
-  config = current_layout(config)
-  planning.stage_order(config)  # the config's own mistakes first, before any data is read.
-  dataset = load_dataset(config)
-  mesh = parallel.make_mesh()
-  plans = planning.plan(config, planning.DataInfo.of(dataset), num_devices=mesh.devices.size,
-                        backend=jax.default_backend())
-  workdirs.claim(config, workdir, overwrite)
-  mean, std = kd_data.channel_stats(dataset.x_train)
-  normalization = train.Normalization(jnp.asarray(mean), jnp.asarray(std))
-  splits = device_splits(dataset, mesh)
-  val = f' / {len(dataset.x_val)} validation' if dataset.x_val is not None else ''
-  print(f'{dataset.name}: {len(dataset.x_train)} train{val} / {len(dataset.x_test)} test images '
-        f'of {dataset.image_shape}, {dataset.num_classes} classes; stages: '
-        f'{" → ".join(p.name for p in plans)}')
-  progress_bar = config.progress_bar and parallel.is_primary()
-  rows = [run_stage(p, workdir, splits, normalization, mesh, progress_bar) for p in plans]
-  if parallel.is_primary():  # the others computed the same rows; one process writes them.
-    histories = {p.name: read_metrics(workdirs.metrics_path(workdir, p.name)) for p in plans}
-    report.write(workdir, dataset, [dataclasses.asdict(r) for r in rows], histories,
-                 baseline=(config.get('report') or {}).get('baseline', ''))
-  workdirs.sync_processes('kdjax: results written')
-  return rows
+  with stop_signals.stop_on_signals(), workdirs.releasing(workdir):
+    config = current_layout(config)
+    planning.stage_order(config)  # the config's own mistakes first, before any data is read.
+    dataset = load_dataset(config)
+    mesh = parallel.make_mesh()
+    plans = planning.plan(config, planning.DataInfo.of(dataset), num_devices=mesh.devices.size,
+                          backend=jax.default_backend())
+    data_fingerprint = kd_data.fingerprint(dataset)
+    workdirs.check(config, workdir, overwrite)  # another experiment's folder: refused first.
+    if not overwrite:
+      refuse_changed_stages(plans, workdir, data_fingerprint)
+    stop_signals.stop_if_signalled('before anything was written')
+    workdirs.claim(config, workdir, overwrite)
+    mean, std = kd_data.channel_stats(dataset.x_train)
+    normalization = train.Normalization(jnp.asarray(mean), jnp.asarray(std))
+    splits = device_splits(dataset, mesh)._replace(fingerprint=data_fingerprint)
+    val = f' / {len(dataset.x_val)} validation' if dataset.x_val is not None else ''
+    print(f'{dataset.name}: {len(dataset.x_train)} train{val} / {len(dataset.x_test)} test '
+          f'images of {dataset.image_shape}, {dataset.num_classes} classes; stages: '
+          f'{" → ".join(p.name for p in plans)}')
+    progress_bar = config.progress_bar and parallel.is_primary()
+    rows = []
+    for p in plans:
+      stop_signals.stop_if_signalled(f"before stage '{p.name}'")
+      if p.batching_note:
+        print(f'[{p.name}] {p.batching_note}')
+      rows.append(run_stage(p, workdir, splits, normalization, mesh, progress_bar, overwrite))
+    stop_signals.stop_if_signalled('after the last stage, before the results were written')
+    if parallel.is_primary():  # the others computed the same rows; one process writes them.
+      histories = {p.name: read_metrics(workdirs.metrics_path(workdir, p.name)) for p in plans}
+      report.write(workdir, dataset, [dataclasses.asdict(r) for r in rows], histories,
+                   baseline=(config.get('report') or {}).get('baseline', ''))
+    workdirs.sync_processes('kdjax: results written')
+    stop_signals.stop_if_signalled('after writing the results')
+    return rows

@@ -3,15 +3,20 @@
 The same as `python -m kdjax` and `python -m kdjax.main`.
 
 Any config value can be overridden, e.g. `--config.train.epochs=3`. A mistake in the config or
-the data prints one message and exits with status 2.
+the data prints one message and exits with status 2, a fault of the environment (disk full,
+read-only folder) with 1; SIGTERM and Ctrl-C stop at the next safe point, work saved, with 143
+and 130.
 
 On Linux the command restarts itself once with glibc's malloc on transparent huge pages
 (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, see `malloc_huge_pages_env`); set
 `KDJAX_MALLOC_HUGE_PAGES=0` to keep glibc's defaults.
 """
 
+import errno
 import os
+import re
 import sys
+import threading
 
 from absl import app
 from absl import flags
@@ -22,7 +27,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (get_config()).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and results.')
-flags.DEFINE_bool('overwrite', False, 'Delete an earlier run of a different config in --workdir.')
+flags.DEFINE_bool('overwrite', False, 'Delete an earlier run of a different config in --workdir, '
+                  'and retrain any stage whose data, settings or teacher changed since it trained.')
 flags.DEFINE_bool('distributed', False, 'Run as one of several processes (jax.distributed): the '
                   'same command on every host; the cluster is detected on Cloud TPU, SLURM and '
                   'the other environments JAX knows, or given by the three flags below.')
@@ -37,10 +43,17 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.ERROR)  # Orbax logs every file it writes, and warns on reads.
+  from kdjax import stop_signals
+  sys.excepthook = _quiet_closed_event_loop(sys.excepthook)
+  if not FLAGS.distributed:  # several processes: JAX's preemption service owns SIGTERM.
+    stop_signals.install()
+  # Orbax logs every file it writes, warns on reads, and logs the traceback of a failed
+  # background write that it then raises to kdjax, which reports it in one paragraph.
+  logging.set_verbosity(logging.FATAL)
   import jax
   if FLAGS.distributed:
     _join_processes(jax)
+  from kdjax import errors
   from kdjax import experiment
   from kdjax.errors import KdjaxError, Preempted
 
@@ -55,21 +68,73 @@ def main(argv):
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   try:
     experiment.run(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+    stop_signals.stop_if_signalled('as the run ended')  # a signal is never ignored.
   except KdjaxError as e:
     print(f'kdjax: error: {e}', file=sys.stderr)
     sys.exit(2)
-  except Preempted as e:  # checkpoint saved; 143 = 128 + SIGTERM, as if the signal had ended it.
+  except Preempted as e:  # work saved; 128 + the signal (143 SIGTERM, 130 Ctrl-C), as if it ended it.
     print(f'kdjax: {e}', file=sys.stderr)
-    sys.exit(143)
-  except jax.errors.JaxRuntimeError as e:
-    if not FLAGS.distributed:
-      raise
-    # A collective failed: another process died. Waiting for it at exit (JAX's shutdown barrier)
-    # would only end, after the timeout, in the same verdict and a C++ stack trace.
-    print(f'kdjax: error: another process of this run stopped ({str(e).splitlines()[0][:200]}); '
-          'the checkpoints written so far are kept. Re-run the same command on every host to '
-          'resume.', file=sys.stderr, flush=True)
-    os._exit(1)
+    sys.exit(128 + e.signum)
+  except KeyboardInterrupt:  # only with --distributed: Ctrl-C keeps Python's default there.
+    print('kdjax: interrupted by Ctrl-C; the checkpoints written so far are kept. Re-run the '
+          'same command on every host to resume.', file=sys.stderr)
+    sys.exit(130)
+  except OSError as e:
+    _exit_environment_fault(e)
+  except (ValueError, RuntimeError) as e:  # Orbax's TensorStore reports its OS errors so.
+    fault = errors.environment_fault(e)
+    if fault is None:
+      if not (FLAGS.distributed and isinstance(e, jax.errors.JaxRuntimeError)):
+        raise
+      _exit_peer_stopped(e)
+    _exit_environment_fault(fault)
+
+
+def _exit_peer_stopped(error: Exception) -> None:
+  # A collective failed: another process died. Waiting for it at exit (JAX's shutdown barrier)
+  # would only end, after the timeout, in the same verdict and a C++ stack trace.
+  print(f'kdjax: error: another process of this run stopped ({str(error).splitlines()[0][:200]}); '
+        'the checkpoints written so far are kept. Re-run the same command on every host to '
+        'resume.', file=sys.stderr, flush=True)
+  os._exit(1)
+
+
+def _quiet_closed_event_loop(excepthook):
+  """`sys.excepthook`, less the 'Event loop is closed' that TensorStore's threads print (through
+  it) when Orbax's background writer has already failed: kdjax reports that failure itself."""
+  def hook(kind, value, trace):
+    if not (kind is RuntimeError and str(value) == 'Event loop is closed'):
+      excepthook(kind, value, trace)
+  return hook
+
+
+# What to do about a fault of the environment, by errno: the message's last sentence.
+_ENVIRONMENT_ADVICE = {
+    errno.ENOSPC: 'The disk is full: free space or choose a --workdir elsewhere',
+    errno.EDQUOT: 'The disk quota is used up: free space or choose a --workdir elsewhere',
+    errno.EROFS: 'The filesystem is read-only: choose a writable --workdir',
+    errno.EACCES: 'Permission denied: make the folder writable or choose another --workdir',
+    errno.EPERM: 'Permission denied: make the folder writable or choose another --workdir',
+    errno.ENAMETOOLONG: 'A path is too long for this filesystem: choose a shorter --workdir',
+    errno.ENOENT: 'A file or folder vanished while kdjax used it (deleted, or its disk '
+                  'unmounted?): make it available again',
+    errno.EIO: 'The disk reported an I/O error: check it, or choose a --workdir elsewhere',
+}
+
+
+def _exit_environment_fault(error: OSError) -> None:
+  """A failed write or read of the environment (full disk, read-only or vanished folder, ...):
+  one paragraph and exit status 1. Files are written atomically and checkpoints by Orbax, so
+  everything saved before is intact."""
+  # Orbax's background writers may fail too as the process exits; this paragraph says it all.
+  threading.excepthook = lambda args: None
+  sys.unraisablehook = lambda unraisable: None
+  where = f' ({error.filename})' if error.filename else ''
+  advice = _ENVIRONMENT_ADVICE.get(error.errno, 'Fix the cause')
+  print(f'kdjax: error: {error.strerror or error}{where}. {advice}, then re-run the same '
+        'command: it resumes from the last checkpoint, and every checkpoint and result written '
+        'before this error is intact.', file=sys.stderr)
+  sys.exit(1)
 
 
 def _join_processes(jax) -> None:
@@ -139,8 +204,9 @@ USAGE = """kdjax: knowledge distillation in JAX/Flax. Trains a config's stages (
       --config.losses.kd.temperature=2
   tensorboard --logdir=runs/mine      # the runs' scalars, per stage
 
-Any config value can be set with --config.KEY=VALUE. Exit status: 0 done, 2 a mistake in the
-config, data or flags (nothing written), 143 stopped by SIGTERM (checkpoint saved).
+Any config value can be set with --config.KEY=VALUE. Exit status: 0 done, 1 a fault of the
+environment (disk full, folder read-only; what was saved is kept), 2 a mistake in the config,
+data or flags (nothing written), 143 stopped by SIGTERM and 130 by Ctrl-C (work saved).
 """
 
 

@@ -1,6 +1,7 @@
 """The end of a run: `results.json`, a markdown table in `results.md`, and a test-accuracy plot."""
 
 import datetime
+import io
 import json
 import os
 from typing import Dict, List, Sequence
@@ -8,6 +9,8 @@ from typing import Dict, List, Sequence
 import jax
 import numpy as np
 from scipy import stats
+
+from kdjax import files
 
 # Everything `write` puts in a workdir (beside `config.json` and `stages/`).
 OUTPUT_FILES = ('results.json', 'results.md', 'test_accuracy.png', 'exits_accuracy_vs_macs.png')
@@ -94,9 +97,13 @@ def markdown_table(rows: List[dict], baseline: str = '') -> str:
   extra = ([f'vs {baseline} (points, 95 % CI)'] if comparisons else []) + (
       ['val accuracy (%)', 'test @ best val epoch (%)'] if validated else [])
   header[5:5] = extra  # after the test accuracy: the paired and validation-selected views.
+  # nan_policy 'skip' dropped steps somewhere: how many, per stage (all replicas together).
+  skipped = any(row.get('skipped_steps') for row in rows)
+  if skipped:
+    header.append('skipped steps')
   cells = [header]
   for row in rows:
-    line = [row['name'] + (' (stale)' if row.get('stale') else ''), row['model'],
+    line = [row['name'], row['model'],
             row['teacher'] or '—', row['loss'],
             _accuracy_cell(row), f"{row['test_nontrue_mass']:.4f}",
             f"{row['test_entropy']:.4f}", f"{row['params']:,}", f"{row['wall_s']:.1f}"]
@@ -108,6 +115,8 @@ def markdown_table(rows: List[dict], baseline: str = '') -> str:
       extra += [f"{100 * row['val_accuracy']:.2f}",
                 f"{100 * row['selected_test_accuracy']:.2f} (epoch {row['selected_epoch']})"]
     line[5:5] = extra
+    if skipped:
+      line.append(f"{row.get('skipped_steps', 0)}")
     cells.append(line)
   return format_table(cells)
 
@@ -167,25 +176,37 @@ def write(workdir: str, dataset, rows: List[dict], histories: Dict[str, List[dic
       'jax_version': jax.__version__,
       'finished_at': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
   }
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    paired = {'baseline': baseline, 'stages': comparisons}
-    json.dump({**meta, **({'paired_vs_baseline': paired} if baseline else {}), 'stages': rows},
-              f, indent=2)
+  paired = {'baseline': baseline, 'stages': comparisons}
+  _write_results_json(os.path.join(workdir, 'results.json'),
+                      {**meta, **({'paired_vs_baseline': paired} if baseline else {}),
+                       'stages': rows})
   table = markdown_table(rows, baseline)
-  if any(row.get('stale') for row in rows):
-    table += ('\n\n(stale): the stage finished earlier, and a teacher of it has changed since; '
-              'its numbers are from the teacher it had. Delete its stage folder to retrain it.')
   if comparisons:
     table += '\n\n' + paired_verdicts(comparisons, baseline)
   exits_table = multi_exit_table(rows)
   if exits_table:
     table += '\n\nMulti-exit stages, per exit (MACs per image to reach the exit):\n\n' + exits_table
     plot_exits(rows, os.path.join(workdir, 'exits_accuracy_vs_macs.png'))
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(f"# Results: {dataset.name}\n\nTest accuracy after the last epoch "
-            f"({meta['num_test']} test images), on {', '.join(meta['devices'])}.\n\n{table}\n")
+  files.update_text(os.path.join(workdir, 'results.md'),
+                    f"# Results: {dataset.name}\n\nTest accuracy after the last epoch "
+                    f"({meta['num_test']} test images), on {', '.join(meta['devices'])}.\n\n"
+                    f"{table}\n")
   plot_test_accuracy(histories, os.path.join(workdir, 'test_accuracy.png'))
   print('\n' + table)
+
+
+def _write_results_json(path: str, results: dict) -> None:
+  """Atomically, and only if the results changed: a run reported again with the same results
+  keeps the file (and its `finished_at`), so a finished run can be re-reported read-only."""
+  text = json.dumps(results, indent=2)
+  try:
+    with open(path) as f:
+      recorded = json.load(f)
+    if {**recorded, 'finished_at': None} == {**json.loads(text), 'finished_at': None}:
+      return
+  except (OSError, ValueError, TypeError):  # none yet, or unreadable: write it.
+    pass
+  files.update_text(path, text)
 
 
 def percent_mean_std(values) -> str:
@@ -238,5 +259,10 @@ def save_plot(path: str, xlabel: str, ylabel: str, draw, figsize=(6.4, 4.0)) -> 
   if ax.get_legend_handles_labels()[1]:
     ax.legend()
   fig.tight_layout()
-  fig.savefig(path)
+  # Rendered in memory and written only if the bytes differ (`files.update_bytes`); without the
+  # matplotlib version in the metadata, the same data gives the same bytes.
+  kind = os.path.splitext(path)[1].lstrip('.').lower() or 'png'
+  image = io.BytesIO()
+  fig.savefig(image, format=kind, metadata={'Software': None} if kind == 'png' else None)
   plt.close(fig)
+  files.update_bytes(path, image.getvalue())

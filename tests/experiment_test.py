@@ -80,6 +80,13 @@ def bad_npz(tmp_path, **changes):
   return ('data.npz', path)
 
 
+def student_named(name):
+  """The tiny chain with its student stage named `name`."""
+  return [('stages', {'teacher': takd_default.stage('plain_cnn_4'),
+                      name: takd_default.stage('plain_cnn_2', 'kd', teacher='teacher')}),
+          ('stage_order', ('teacher', name))]
+
+
 def corrupt_npz(tmp_path):
   path = tmp_path / 'corrupt.npz'
   path.write_bytes(b'PK\x03\x04 this is not really a zip archive')
@@ -160,6 +167,17 @@ BAD_INPUTS = {
                                   ('stages.student.loss', 'multi_teacher_kd'),
                                   ('stages.student.teachers', {'teacher': -1.0})],
                        'teacher weights must be numbers > 0'),
+    'max_skipped_fraction': (lambda p: [('max_skipped_fraction', 1.5)],
+                             r'max_skipped_fraction must be a number in \[0, 1\]'),
+    # Stage names: a stage writes only inside its own folder of the workdir.
+    'stage name an absolute path': (lambda p: student_named(f'{p}/outside'),
+                                    'cannot be a folder name inside the workdir'),
+    'stage name with a separator': (lambda p: student_named('stages/student'),
+                                    'cannot be a folder name inside the workdir'),
+    'stage name with a backslash': (lambda p: student_named('a\\b'),
+                                    'cannot be a folder name inside'),
+    'stage names differing in case': (lambda p: student_named('Teacher'),
+                                      'differ only in upper and lower case'),
     # Data.
     'unknown dataset': (lambda p: [('data.name', 'no_such_dataset')], 'unknown dataset'),
     'missing npz': (lambda p: [('data.npz', f'{p}/missing.npz')], 'does not exist'),

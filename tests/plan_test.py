@@ -132,3 +132,33 @@ def test_a_layout1_stage_override_moves_to_its_loss_and_teacher_source():
   assert stage['teacher_source'] == {'dtype': 'bfloat16'}
   assert upgraded['losses']['noisy_l2'] == {'noise_alpha': 0.0}
   assert 'kd' in settings  # the input is left as it was.
+
+
+def test_auto_batching_vmaps_many_students_on_cpu_and_says_so():
+  # Unrolled students compile for minutes beyond a few dozen (over 200 s for 64 ResNet-8s);
+  # 'auto' unrolls on CPU only up to UNROLL_AT_MOST and says when it does otherwise.
+  config = takd_default.get_config()
+  config.num_replicas = plan.UNROLL_AT_MOST
+  assert {(p.replica_batching, p.batching_note) for p in plan.plan(config, DIGITS)
+          if p.num_replicas > 1} == {('unroll', '')}
+  config.num_replicas = 64
+  many = [p for p in plan.plan(config, DIGITS) if p.num_replicas > 1]
+  assert many and all(p.replica_batching == 'vmap' for p in many)
+  assert all('64 students are vmapped on CPU' in p.batching_note for p in many)
+  assert all(p.replica_batching == 'vmap' and not p.batching_note
+             for p in plan.plan(config, DIGITS, backend='gpu') if p.num_replicas > 1)
+  config.replica_batching = 'unroll'  # asked for: kept, with the cost stated.
+  assert all(p.replica_batching == 'unroll' and 'a few minutes' in p.batching_note
+             for p in plan.plan(config, DIGITS) if p.num_replicas > 1)
+
+
+def test_each_stage_fingerprints_its_own_effective_settings():
+  base = {p.name: p.settings_fingerprint for p in plan.plan(takd_default.get_config(), DIGITS)}
+  assert len(set(base.values())) == len(base)  # every stage computes something of its own.
+  config = takd_default.get_config()
+  config.losses.kd.temperature = 2.0  # used by the kd stages only.
+  changed = {p.name: p.settings_fingerprint for p in plan.plan(config, DIGITS)}
+  assert {n for n in base if base[n] != changed[n]} == {'assistant', 'blkd', 'takd'}
+  config = takd_default.get_config()
+  config.progress_bar, config.max_skipped_fraction = False, 0.5  # run-time settings only.
+  assert {p.name: p.settings_fingerprint for p in plan.plan(config, DIGITS)} == base

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import signal
 import subprocess
 import time
@@ -126,6 +127,62 @@ def test_sigterm_saves_and_exits_within_seconds(cli_env, tmp_path, reference_run
   assert_same_final_state(reference_run, workdir)
 
 
+def committed(workdir, stage, step):
+  return os.path.exists(os.path.join(workdir, 'stages', stage, 'checkpoints', str(step),
+                                     'commit_success.txt'))
+
+
+# When the signal is sent, by what the run has left behind so far.
+MOMENTS = {
+    'while starting': lambda workdir, reference: False,  # after a fixed delay instead.
+    'while the teacher compiles': lambda workdir, reference: (
+        workdir / 'stages' / 'teacher').exists(),
+    'mid-student': lambda workdir, reference: any(
+        s >= 20 for s in checkpoint_steps(workdir, 'student')),
+    'between stages': lambda workdir, reference: committed(
+        workdir, 'teacher', max(checkpoint_steps(reference, 'teacher'))),
+    'at the final write': lambda workdir, reference: committed(
+        workdir, 'student', max(checkpoint_steps(reference, 'student'))),
+}
+
+
+@pytest.mark.parametrize('signum,times,moment', [
+    (signal.SIGTERM, 1, 'while starting'),
+    (signal.SIGTERM, 1, 'while the teacher compiles'),
+    (signal.SIGTERM, 3, 'mid-student'),
+    (signal.SIGTERM, 2, 'between stages'),
+    (signal.SIGTERM, 1, 'at the final write'),
+    (signal.SIGINT, 1, 'mid-student'),
+])
+def test_a_stop_signal_at_any_moment_saves_and_resumes_bitwise(cli_env, tmp_path, reference_run,
+                                                               signum, times, moment):
+  # SIGTERM (once or again and again) or Ctrl-C, wherever the run is: it finishes what it is
+  # doing, saves, exits 128 + signal without a traceback, and the same command then ends
+  # exactly where an uninterrupted run ends.
+  workdir = tmp_path / 'run'
+  process = start(cli_env, workdir)
+  if moment == 'while starting':
+    time.sleep(1.5)  # importing JAX: the handlers are installed once the flags are parsed.
+  else:
+    wait_for(lambda: MOMENTS[moment](workdir, reference_run), process)
+  for _ in range(times):
+    process.send_signal(signum)
+    time.sleep(0.05)
+  _, stderr = process.communicate(timeout=120)
+  assert 'Traceback' not in stderr, stderr
+  if process.returncode == 0:  # the run had ended before the signal could reach it.
+    assert moment == 'at the final write' and 'received' not in stderr, stderr
+  else:
+    assert process.returncode == 128 + signum, stderr
+    assert stderr.count('received') == times, stderr
+    name = 'Ctrl-C (SIGINT)' if signum == signal.SIGINT else 'SIGTERM'
+    assert f'stopped by {name}' in stderr, stderr
+  resumed = run_cli(cli_env, workdir, TINY)
+  assert resumed.returncode == 0, resumed.stderr
+  assert_same_final_state(reference_run, workdir)
+  assert results_without_timing(reference_run) == results_without_timing(workdir)
+
+
 def damage(path, how):
   data = bytearray(open(path, 'rb').read())
   if how == 'truncate':
@@ -158,6 +215,29 @@ def test_damaged_latest_checkpoint_falls_back(cli_env, tmp_path, reference_run, 
   assert_same_final_state(reference_run, workdir)  # retrained from the older one, bitwise.
 
 
+def test_moving_damaged_checkpoints_aside_deletes_nothing_and_follows_no_link(cli_env, tmp_path,
+                                                                             reference_run):
+  workdir, outside = tmp_path / 'run', tmp_path / 'outside'
+  subprocess.run(['cp', '-r', str(reference_run), str(workdir)], check=True)
+  latest = max(checkpoint_steps(workdir, 'teacher'))
+  meta = os.path.join(workdir, 'stages', 'teacher', 'checkpoints', str(latest), 'meta', 'metadata')
+  damage(meta, 'truncate')
+  aside = workdir / 'stages' / 'teacher' / 'damaged_checkpoints'
+  outside.mkdir()
+  aside.symlink_to(outside)  # a link out of the workdir where kdjax would put them.
+  refused = run_cli(cli_env, workdir, TINY)
+  assert refused.returncode == 2 and 'is a symbolic link' in refused.stderr, refused.stderr
+  assert list(outside.iterdir()) == [] and os.path.exists(meta)
+  aside.unlink()
+  (aside / str(latest)).mkdir(parents=True)  # a folder of that name, with someone's notes.
+  (aside / str(latest) / 'notes.txt').write_text('mine')
+  resumed = run_cli(cli_env, workdir, TINY)
+  assert resumed.returncode == 0, resumed.stderr
+  assert (aside / str(latest) / 'notes.txt').read_text() == 'mine'
+  assert (aside / f'{latest}.1' / 'meta' / 'metadata').exists()
+  assert_same_final_state(reference_run, workdir)
+
+
 def test_every_checkpoint_damaged_stops_with_the_path(cli_env, tmp_path, reference_run):
   workdir = tmp_path / 'run'
   subprocess.run(['cp', '-r', str(reference_run), str(workdir)], check=True)
@@ -175,11 +255,21 @@ def test_nan_loss_stops_or_is_skipped(cli_env, tmp_path):
   assert stopped.returncode == 2
   assert "the 'ce' loss became nan at step" in stopped.stderr
   assert checkpoint_steps(tmp_path / 'stop', 'teacher') == []  # nothing non-finite was saved.
+  # Skipping every step is not a result: over max_skipped_fraction (1 %) the stage fails, with
+  # the count, and the same command with the fraction raised resumes and reports it.
   skipped = run_cli(cli_env, tmp_path / 'skip', TINY, *overrides,
                     '--config.train.nan_policy=skip')
-  assert skipped.returncode == 0, skipped.stderr
+  assert skipped.returncode == 2 and 'Traceback' not in skipped.stderr
+  dropped = re.search(r"stage 'teacher': nan_policy 'skip' has dropped (\d+) of 44 steps",
+                      skipped.stderr)
+  assert dropped and int(dropped.group(1)) >= 40, skipped.stderr  # all but the first few.
+  accepted = run_cli(cli_env, tmp_path / 'skip', TINY, *overrides,
+                     '--config.train.nan_policy=skip', '--config.max_skipped_fraction=1')
+  assert accepted.returncode == 0, accepted.stderr
   teacher = json.loads((tmp_path / 'skip' / 'results.json').read_text())['stages'][0]
-  assert teacher['skipped_steps'] > 0
+  assert teacher['skipped_steps'] == int(dropped.group(1))
+  assert re.search(rf"\| teacher .* \| {teacher['skipped_steps']} +\|",
+                   (tmp_path / 'skip' / 'results.md').read_text())
 
 
 def test_same_seed_same_results(cli_env, tmp_path, reference_run):

@@ -124,8 +124,13 @@ def get_config():
   # batch and one teacher forward pass; the table then reports mean ± std over the N.
   config.num_replicas = 1
   # How the N student updates run: 'vmap' (batched; fast on GPU/TPU), 'unroll' (N copies in the
-  # step; XLA's CPU grouped convolutions are slow), 'auto' (unroll on CPU, else vmap).
+  # step; XLA's CPU grouped convolutions are slow), 'auto' (unroll on CPU up to 16 students, else
+  # vmap: unrolled copies compile for minutes).
   config.replica_batching = 'auto'
+  # train.nan_policy 'skip': a stage that drops more than this fraction of its steps (per student)
+  # fails instead of reporting a result trained on what was left. Not part of the experiment:
+  # raise it and re-run to resume past that failure.
+  config.max_skipped_fraction = 0.01
 
   config.progress_bar = True
   config.compilation_cache_dir = '~/.cache/kdjax/xla'  # '' disables JAX's persistent cache.

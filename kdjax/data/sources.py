@@ -5,6 +5,7 @@ train and a test split, checked once here so nothing downstream has to guess.
 """
 
 import dataclasses
+import hashlib
 import os
 from typing import Optional
 
@@ -32,6 +33,20 @@ class Dataset:
   @property
   def image_shape(self):
     return self.x_train.shape[1:]
+
+
+def fingerprint(dataset: Dataset) -> str:
+  """SHA-256 of the arrays a run trains, selects and tests on (their bytes, dtypes and shapes,
+  split by split), not of the file they came from: a stage records it, and a resume on other
+  data of the same shape is refused (`experiment.run_stage`)."""
+  digest = hashlib.sha256()
+  for split in ('x_train', 'y_train', 'x_val', 'y_val', 'x_test', 'y_test'):
+    array = getattr(dataset, split)
+    digest.update(split.encode())
+    if array is not None:
+      digest.update(f'{array.dtype}{array.shape}'.encode())
+      digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
 
 
 def hold_out_validation(dataset: Dataset, size: int) -> Dataset:
