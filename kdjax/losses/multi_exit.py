@@ -14,6 +14,12 @@ example, for callers that reduce over the batch themselves (`kdjax.stage_losses`
   combination of the exits; exit i learns mostly from its own teacher i.
 
 Each exit's loss is `(1 − β)·CE(z_i, y) + β·T²·Σ_k π_{ik}·KL(softmax(t_k/T) ‖ softmax(z_i/T))`.
+
+All compute in float32 (float16 / bfloat16 logits are cast at entry) and check their inputs as
+`kdjax.losses.distillation_loss` does: an empty batch is refused, and when concrete a label
+outside `[0, C)` or a teacher row that is all `-inf` (or holds NaN / `+inf`); a `-inf` teacher
+logit masks its class (it contributes 0 to the KL). Under `jit` the values cannot be checked
+(see `kdjax.losses._checks`).
 """
 
 import chex
@@ -27,9 +33,20 @@ from kdjax.losses import distillation
 
 
 def _check_exits(exit_logits, labels, name='exit_logits'):
+  """Checks `[E, B, C]` logits and their `[B]` labels; returns the logits as float32."""
   chex.assert_rank(exit_logits, 3, custom_message=f'{name} must be [exits, batch, classes]')
   chex.assert_type(exit_logits, float, custom_message=f'{name} must be floating point')
+  _checks.check_batch(exit_logits, name)
   _checks.check_labels(labels, exit_logits[0])
+  return _checks.as_float32(exit_logits)
+
+
+def _check_teachers(exit_logits, teacher_logits, labels):
+  """`_check_exits` for both, and the teachers' rows; returns both as float32."""
+  exit_logits = _check_exits(exit_logits, labels)
+  teacher_logits = _check_exits(teacher_logits, labels, 'teacher_logits')
+  _checks.check_teacher_logits(teacher_logits)
+  return exit_logits, teacher_logits
 
 
 def _check_hyperparameters(temperature, kd_weight):
@@ -48,18 +65,17 @@ def distill_exits(exit_logits: chex.Array, teacher_logits: chex.Array, mixing: c
   """The general form: exit i distils from teachers k with weights `mixing[i, k]`.
 
   Args:
-    exit_logits: `[E, B, C]`.
-    teacher_logits: `[K, B, C]`, made `stop_gradient` here.
+    exit_logits: `[E, B, C]`, `B > 0`.
+    teacher_logits: `[K, B, C]`, made `stop_gradient` here; `-inf` masks a class.
     mixing: `[E, K]`, each row summing to 1.
-    labels: `[B]`.
+    labels: `[B]` class indices in `[0, C)`.
     temperature: T > 0.
     kd_weight: β ∈ [0, 1].
 
   Returns:
-    Scalar: `Σ_i [(1 − β)·CE_i + β·T²·Σ_k mixing[i, k]·KL(t_k ‖ z_i)]`.
+    Float32 scalar: `Σ_i [(1 − β)·CE_i + β·T²·Σ_k mixing[i, k]·KL(t_k ‖ z_i)]`.
   """
-  _check_exits(exit_logits, labels)
-  _check_exits(teacher_logits, labels, 'teacher_logits')
+  exit_logits, teacher_logits = _check_teachers(exit_logits, teacher_logits, labels)
   _check_hyperparameters(temperature, kd_weight)
   teacher_logits = jax.lax.stop_gradient(teacher_logits)
   # kl[i, k] = batch-mean KL(teacher k ‖ exit i) at temperature T.
@@ -79,10 +95,9 @@ def distill_exits_per_example(exit_logits: chex.Array, teacher_logits: chex.Arra
   Args: as `distill_exits`.
 
   Returns:
-    `[B]`: `Σ_i [(1 − β)·CE_i + β·T²·Σ_k mixing[i, k]·KL(t_k ‖ z_i)]` for each example.
+    `[B]` float32: `Σ_i [(1 − β)·CE_i + β·T²·Σ_k mixing[i, k]·KL(t_k ‖ z_i)]` for each example.
   """
-  _check_exits(exit_logits, labels)
-  _check_exits(teacher_logits, labels, 'teacher_logits')
+  exit_logits, teacher_logits = _check_teachers(exit_logits, teacher_logits, labels)
   _check_hyperparameters(temperature, kd_weight)
   teacher_logits = jax.lax.stop_gradient(teacher_logits)
   ce = jax.vmap(lambda z: classification.cross_entropy(z, labels))(exit_logits)  # [E, B]
@@ -97,7 +112,7 @@ def distill_exits_per_example(exit_logits: chex.Array, teacher_logits: chex.Arra
 
 def exits_cross_entropy(exit_logits: chex.Array, labels: chex.Array) -> chex.Array:
   """`Σ_i CE(z_i, y)`: every exit trained on the labels alone (the no-distillation baseline)."""
-  _check_exits(exit_logits, labels)
+  exit_logits = _check_exits(exit_logits, labels)
   return jnp.sum(_per_exit_ce(exit_logits, labels))
 
 
@@ -112,6 +127,7 @@ def byot_loss(exit_logits, labels, *, temperature: float, kd_weight: float) -> c
 def exit_ensemble_loss(exit_logits, labels, *, temperature: float,
                        kd_weight: float) -> chex.Array:
   """Every exit distils from the average of all exits' logits."""
+  exit_logits = _check_exits(exit_logits, labels)  # The mean is taken in float32.
   num_exits = exit_logits.shape[0]
   ensemble = jnp.mean(exit_logits, axis=0, keepdims=True)
   return distill_exits(exit_logits, ensemble, jnp.ones((num_exits, 1)), labels,
@@ -148,6 +164,7 @@ def mate_loss(exit_logits: chex.Array, teacher_logits: chex.Array, labels: chex.
   """
   chex.assert_equal_shape((exit_logits, teacher_logits),
                           custom_message='exit_logits and teacher_logits must both be [E, B, C]')
+  exit_logits, teacher_logits = _check_teachers(exit_logits, teacher_logits, labels)
   mixing = primary_mixing(exit_logits.shape[0], primary_weight)
   exits = distill_exits(exit_logits, teacher_logits, mixing, labels, temperature=temperature,
                         kd_weight=kd_weight)

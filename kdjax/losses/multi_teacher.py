@@ -8,7 +8,6 @@ are those two means and the sum of the per-teacher terms.
 import chex
 import jax
 import jax.numpy as jnp
-import optax
 
 from kdjax.errors import KdjaxError
 from kdjax.losses import _checks
@@ -38,15 +37,19 @@ def multi_teacher_kl(student_logits: chex.Array, teacher_logits: chex.Array,
 
   With one teacher (or K identical ones) all three are `softened_kl`.
 
+  Computed in float32 (float16 / bfloat16 logits are cast at entry). A `-inf` teacher logit masks
+  that class for that teacher (probability 0; in `'logits'` it masks it in the average). Each
+  teacher's rows are checked as in `softened_kl`, when concrete.
+
   Args:
-    student_logits: `[B, C]` float.
-    teacher_logits: `[K, B, C]` float, made `stop_gradient` here.
+    student_logits: `[B, C]` float, `B > 0`.
+    teacher_logits: `[K, B, C]` float, made `stop_gradient` here; `-inf` masks a class.
     weights: `[K]` non-negative weights summing to 1 (not checked: they may be traced).
     temperature: `T > 0`.
     combine: one of `TEACHER_COMBINES`.
 
   Returns:
-    `[B]` per-example KL divergences (not scaled by `T²`).
+    `[B]` float32 per-example KL divergences (not scaled by `T²`).
   """
   _checks.check_logits(student_logits, 'student_logits')
   chex.assert_rank(teacher_logits, 3, custom_message='teacher_logits must be [teachers, B, C]')
@@ -54,6 +57,9 @@ def multi_teacher_kl(student_logits: chex.Array, teacher_logits: chex.Array,
   chex.assert_equal_shape((student_logits, teacher_logits[0]),
                           custom_message='each teacher_logits[k] must have the student\'s '
                                          '[B, C] shape')
+  _checks.check_teacher_logits(teacher_logits)
+  student_logits = _checks.as_float32(student_logits)
+  teacher_logits = _checks.as_float32(teacher_logits)
   chex.assert_shape(weights, (teacher_logits.shape[0],),
                     custom_message='weights must be [K], one per teacher')
   if _checks.is_concrete(temperature) and not temperature > 0:
@@ -72,5 +78,5 @@ def multi_teacher_kl(student_logits: chex.Array, teacher_logits: chex.Array,
     return jnp.sum(weights[:, None] * kl, axis=0)
   teacher_log_probs = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)  # [K, B, C]
   mixture_log_probs = jax.nn.logsumexp(teacher_log_probs, axis=0, b=weights[:, None, None])
-  return optax.losses.kl_divergence_with_log_targets(
-      jax.nn.log_softmax(student_logits / temperature, axis=-1), mixture_log_probs)
+  return distillation._kl_from_log_probs(
+      mixture_log_probs, jax.nn.log_softmax(student_logits / temperature, axis=-1))

@@ -55,15 +55,26 @@ def perturb_logits(key: jax.Array, logits: chex.Array, *, alpha: float,
 
 
 def logit_l2_per_example(student_logits: chex.Array, target_logits: chex.Array) -> chex.Array:
-  """`½·Σ_c (z_s − z′)²` per example → `[B]`; the target is `stop_gradient`."""
+  """`½·Σ_c (z_s − z′)²` per example → `[B]` float32; the target is `stop_gradient`.
+
+  Computed in float32 (float16 / bfloat16 logits are cast at entry). The batch must not be empty,
+  and the target logits must be finite (checked when concrete; under `jit` a `±inf` or NaN
+  target gives `inf` or NaN): a masked (`-inf`) class has no logit to regress.
+  """
   _checks.check_logits(student_logits, 'student_logits')
   _checks.check_logits(target_logits, 'target_logits')
   chex.assert_equal_shape((student_logits, target_logits),
                           custom_message='student_logits and target_logits must both be [B, C]')
+  _checks.check_finite(target_logits, 'target_logits',
+                       'an L2 regression on logits needs a finite target for every class (a '
+                       'masked, -inf, class cannot be regressed); use a KL loss such as '
+                       "'kd' to distil from a teacher that masks classes")
+  student_logits = _checks.as_float32(student_logits)
+  target_logits = _checks.as_float32(target_logits)
   diff = student_logits - jax.lax.stop_gradient(target_logits)
   return 0.5 * jnp.sum(diff**2, axis=-1)
 
 
 def logit_l2_loss(student_logits: chex.Array, target_logits: chex.Array) -> chex.Array:
-  """`mean_B[0.5·Σ_c (z_s − z′)²]` → scalar; the target is `stop_gradient`."""
+  """`mean_B[0.5·Σ_c (z_s − z′)²]` → float32 scalar; checked as `logit_l2_per_example`."""
   return jnp.mean(logit_l2_per_example(student_logits, target_logits))

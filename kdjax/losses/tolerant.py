@@ -23,18 +23,23 @@ def top_score_difference(logits: chex.Array, labels: chex.Array, *, k: int = 5,
 
   `a1` is the true class and `a2..aK` the K − 1 highest-scoring *other* classes.
 
+  Computed in float32 (float16 / bfloat16 logits are cast at entry); labels are checked as in
+  `cross_entropy` (under `jit` a label outside `[0, C)` counts as no class: true score 0).
+
   Args:
-    logits: `[B, C]` float.
-    labels: `[B]` integer class indices.
+    logits: `[B, C]` float, `B > 0`.
+    labels: `[B]` integer class indices in `[0, C)`.
     k: K, the true class plus K − 1 secondary classes; `2 <= k < C`. The paper uses K = 5.
     scores: `'softmax'` (default, the paper: TSD on softmax probabilities, so it lies in
       [−1, 1]) or `'logits'` (the alternative reading: TSD on raw logits, unbounded).
 
   Returns:
-    `[B]` per-example TSD. Gradients flow into the true and the selected secondary scores.
+    `[B]` float32 per-example TSD. Gradients flow into the true and the selected secondary
+    scores.
   """
   _checks.check_logits(logits, 'logits')
   _checks.check_labels(labels, logits)
+  logits = _checks.as_float32(logits)
   num_classes = logits.shape[-1]
   if not 2 <= k < num_classes:
     raise KdjaxError(f'k must satisfy 2 <= k < num_classes={num_classes}, got {k}; the paper '
@@ -54,7 +59,7 @@ def tolerant_cross_entropy(logits: chex.Array, labels: chex.Array, *, eta: float
 
   Yang et al. 2018 train the patriarch with this loss; `η = 1` is the ordinary (strict)
   cross-entropy teacher and the paper's best is η ≈ 0.6. `k` and `scores` are those of
-  `top_score_difference`.
+  `top_score_difference`. Float32, and checked, as `cross_entropy`.
   """
   if _checks.is_concrete(eta) and not 0.0 <= eta <= 1.0:
     raise KdjaxError(f'eta must lie in [0, 1], got {eta}; 1 is a strict (plain CE) teacher.')
@@ -67,6 +72,7 @@ def tolerant_teacher_loss(logits: chex.Array, labels: chex.Array, *, eta: float,
                           scores: str = 'softmax') -> chex.Array:
   """The tolerant teacher's loss, `mean_B[η·CE + (1 − η)·TSD]` → scalar.
 
-  `η = 1` is the ordinary (strict) cross-entropy teacher; the paper's best is η ≈ 0.6.
+  `η = 1` is the ordinary (strict) cross-entropy teacher; the paper's best is η ≈ 0.6. Float32,
+  and checked, as `cross_entropy`.
   """
   return jnp.mean(tolerant_cross_entropy(logits, labels, eta=eta, k=k, scores=scores))

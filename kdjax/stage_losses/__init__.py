@@ -11,6 +11,12 @@ returns in training (`[B, C]` logits, or `(exit_logits, ensemble_logits)` for a 
 loss's own randomness. Class attributes say what a loss needs: `needs_teacher`,
 `several_teachers`, `multi_exit`. A loss object is hashable, so it can be a static `jit` argument.
 
+Logits of any float dtype are computed in float32. The `kdjax.losses` functions a loss calls
+check its inputs: an empty batch is refused, and so are (when concrete, i.e. not under `jit`;
+see `kdjax.losses._checks` for a `checkify` route) labels outside `[0, C)` and teacher rows that
+are all `-inf` or hold NaN / `+inf`. A `-inf` teacher logit masks its class in the KL losses
+(it contributes 0); `noisy_l2` regresses logits and refuses any non-finite teacher logit.
+
 A new loss is one class (its fields are its settings, `check` refuses bad values) and one line
 in `LOSSES`.
 """

@@ -22,7 +22,9 @@ class NoisyLogitRegression:
   regulariser akin to learning from several teachers. `w = noise_ce_weight`; with `w = 0` the loss
   is the L2 regression alone. `noise_on = 'student'` multiplies the student's logits by the same
   noise instead, against the clean teacher: `½‖(1 + ξ)·z_s − z_t‖²`, the baseline the paper's
-  claim is measured against. The noise is drawn from `key`; the teacher is `stop_gradient`.
+  claim is measured against. The noise is drawn from `key`; the teacher is `stop_gradient`, and
+  must be finite (`kdjax.losses.logit_l2_per_example`). The labels are used (and checked) only
+  when `noise_ce_weight > 0`.
 
   Attributes:
     noise_alpha: α ∈ [0, 1], the probability that an example is perturbed.
