@@ -175,7 +175,7 @@ def check_model(model_name: str, layout: str) -> None:
     raise KdjaxError(f"unknown teacher layout '{layout}'; choose one of: "
                      f"{', '.join(f'{n} ({d})' for n, d in LAYOUTS.items())}. mdistiller's CIFAR "
                      "ResNets are in the 'repdistiller' layout.")
-  resnets = [n for n in models.BUILT_IN_MODELS if n.startswith('resnet')]
+  resnets = [f'resnet{depth}' for depth in sorted(models.CIFAR_RESNET_DEPTHS)]  # not ImageNet's.
   plain = [n for n in models.BUILT_IN_MODELS if n.startswith('plain_cnn_')]
   supported = sorted(resnets) + (sorted(plain) if layout == 'takd' else [])
   if model_name not in supported:

@@ -35,6 +35,7 @@ import numpy as np
 from kdjax.errors import KdjaxError
 from kdjax.models import plain_cnn as _plain_cnn
 from kdjax.models import resnet as _resnet
+from kdjax.models import imagenet_resnet as _imagenet_resnet
 from kdjax.models import multi_exit as _multi_exit
 from kdjax.models import small as _small
 from kdjax.models.conv import CONVS
@@ -47,6 +48,8 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
        for d in sorted(_plain_cnn.CIFAR10_SPECS)},
     **{f'resnet{d}': functools.partial(_resnet.resnet, d)
        for d in sorted(_resnet.BLOCKS_PER_STAGE)},
+    **{f'resnet{d}': functools.partial(_imagenet_resnet.imagenet_resnet, d)  # ImageNet: 18/34/50.
+       for d in sorted(_imagenet_resnet.SPECS)},
     **{f'multi_exit_resnet{d}': functools.partial(_multi_exit.multi_exit_resnet, d)
        for d in sorted(_resnet.BLOCKS_PER_STAGE)},
     'lenet5': _small.LeNet5,
@@ -56,6 +59,7 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
        for name, widths in _small.MLP_SHAPES.items() for rate in _small.DROPOUT_RATES},
 }
 BUILT_IN_MODELS = frozenset(MODELS)
+CIFAR_RESNET_DEPTHS = frozenset(_resnet.BLOCKS_PER_STAGE)  # resnet18/34/50 are ImageNet's.
 
 
 def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
