@@ -40,7 +40,28 @@ EXTERNAL_TEACHER_KEYS = ('path', 'model', 'layout')
 TEACHER_SOURCE_DEFAULTS = {'replica': 'first', 'cache_logits': True, 'dtype': 'float32'}
 # Settings that change how a run is shown or guarded, not what it computes: left out of
 # config.json, so changing one (to resume past a skipped-step failure, say) is the same run.
-RUNTIME_ONLY_KEYS = ('progress_bar', 'compilation_cache_dir', 'max_skipped_fraction')
+# (A dotted key names a setting inside a block: how the data reaches the device changes the
+# students only to float rounding.)
+RUNTIME_ONLY_KEYS = ('progress_bar', 'compilation_cache_dir', 'max_skipped_fraction',
+                     'data.pipeline', 'data.device_budget_mb')
+# Settings added since runs were first recorded, at the value that means "as before": a record
+# without them is the same experiment.
+NEUTRAL_DEFAULTS = {'data.npy_dir': ''}
+
+
+def without_runtime_only(settings: dict) -> dict:
+  """A copy of a config dict less `RUNTIME_ONLY_KEYS` and the `NEUTRAL_DEFAULTS` it holds at
+  their neutral value."""
+  settings = copy.deepcopy(settings)
+  for key in (*RUNTIME_ONLY_KEYS, *NEUTRAL_DEFAULTS):
+    *blocks, last = key.split('.')
+    parent = settings
+    for block in blocks:
+      parent = parent.get(block) if isinstance(parent, dict) else None
+    if isinstance(parent, dict) and last in parent and (
+        key in RUNTIME_ONLY_KEYS or parent[last] == NEUTRAL_DEFAULTS[key]):
+      del parent[last]
+  return settings
 # Layout 1's teacher settings in `kd`, by their name in `teacher_source`.
 _LAYOUT1_TEACHER_KEYS = {'teacher_replica': 'replica', 'cache_teacher_logits': 'cache_logits',
                          'teacher_dtype': 'dtype'}
@@ -130,10 +151,9 @@ def effective_settings(config) -> dict:
   effective settings (`stage_settings`), so a setting no stage uses does not count, and a setting
   written out at its default counts the same as one left out. Display-only keys are dropped.
   """
-  settings = upgrade_layout(_as_dict(config))
+  settings = without_runtime_only(upgrade_layout(_as_dict(config)))
   config = ml_collections.ConfigDict(settings)
-  folded = ('stages', 'losses', 'teacher_source', 'num_replicas', 'train', 'external_teachers',
-            *RUNTIME_ONLY_KEYS)
+  folded = ('stages', 'losses', 'teacher_source', 'num_replicas', 'train', 'external_teachers')
   result = {k: v for k, v in settings.items() if k not in folded}
   result['stages'] = {name: stage_settings(config, name).to_dict()
                       for name in (settings.get('stages') or {})}

@@ -15,6 +15,7 @@ finished ones. The run ends with `results.json`, `results.md` and `test_accuracy
 
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import time
@@ -38,6 +39,7 @@ from kdjax import teachers
 from kdjax import tensorboard
 from kdjax import train
 from kdjax import workdir as workdirs
+from kdjax.data import stream
 from kdjax.errors import KdjaxError, Preempted
 from kdjax.workdir import read_metrics  # re-exported: the reproduction reports read metrics.
 
@@ -86,6 +88,17 @@ class Splits(NamedTuple):
   fingerprint: str = ''  # `kdjax.data.fingerprint`: SHA-256 of the arrays.
 
 
+# data.pipeline 'auto': the splits go on every device up to this size, else they are streamed.
+DEVICE_BUDGET_MB = 4096
+
+
+def host_splits(dataset: kd_data.Dataset) -> Splits:
+  """The dataset left on the host, to be streamed batch by batch (`kdjax.data.stream`)."""
+  return Splits(train.HostData(dataset.x_train, dataset.y_train),
+                train.HostData(dataset.x_test, dataset.y_test),
+                None if dataset.x_val is None else train.HostData(dataset.x_val, dataset.y_val))
+
+
 def device_splits(dataset: kd_data.Dataset, mesh) -> Splits:
   put = lambda x, y: train.DeviceData(parallel.put_replicated(x, mesh),
                                       parallel.put_replicated(y, mesh))
@@ -123,20 +136,18 @@ def run_stage(plan: planning.StagePlan, workdir: str, splits: Splits,
                                                      normalization, mesh)
     augment_keys = _replica_keys(plan, 'augment')
     step = _step_of(state)
+    inputs = training_inputs(plan, splits.train, step, mesh)
     progress = _progress_bar(progress_bar, name, t.total_steps, step)
-    permutation, epoch_metrics, unchecked = None, resumed_epoch_steps(meta), []
+    epoch_metrics, unchecked = resumed_epoch_steps(meta), []
     epoch_start, epoch_images = time.perf_counter(), 0
     with _preemption_guard() as preempted, tensorboard.open_writer(
         workdirs.stage_dir(workdir, name), history) as events:  # rewritten from history.
       while step < t.total_steps:
-        epoch, position = divmod(step, t.steps_per_epoch)
-        if permutation is None or position == 0:
-          permutation = _epoch_permutation(plan, epoch, splits.train.labels.shape[0])
-        batch = parallel.global_batch(
-            permutation[position * t.batch_size:(position + 1) * t.batch_size], mesh)
-        state, step_metrics = train_step(state, teacher, splits.train, batch, augment_keys)
+        train_data, batch = next(inputs)
+        state, step_metrics = train_step(state, teacher, train_data, batch, augment_keys)
         step += 1
         epoch_metrics.append(step_metrics)
+        _bound_run_ahead(epoch_metrics)
         unchecked.append(step_metrics)
         epoch_images += t.batch_size
         progress.update(1)
@@ -318,10 +329,17 @@ def save_checkpoint(manager, state, *, final: bool, wall_s: float, history: List
 def compile_steps(plan: planning.StagePlan, state, teacher, train_data, normalization, mesh):
   """The stage's jitted train step (compiled here, timed) and eval step."""
   t = plan.train
+  streamed = isinstance(train_data, train.HostData)
   train_step = train.make_train_step(
       plan.model, plan.loss, plan.augment, normalization, skip_nonfinite=t.skip_nonfinite,
-      num_replicas=plan.replica_axis, mesh=mesh, replica_batching=plan.replica_batching)
-  eval_step = train.make_eval_step(normalization, num_replicas=plan.replica_axis, mesh=mesh)
+      num_replicas=plan.replica_axis, mesh=mesh, replica_batching=plan.replica_batching,
+      streamed=streamed)
+  eval_step = train.make_eval_step(normalization, num_replicas=plan.replica_axis, mesh=mesh,
+                                   streamed=streamed)
+  if streamed:  # the shapes of a streamed batch (as `kdjax.data.stream` makes them).
+    train_data = train.StreamedBatch(*(jax.ShapeDtypeStruct(
+        (t.batch_size, *x.shape[1:]), x.dtype, sharding=parallel.batch_sharded(mesh))
+        for x in train_data))
   compile_start = time.perf_counter()
   train_step = train_step.lower(state, teacher, train_data,
                                 parallel.global_batch(np.zeros(t.batch_size, np.int32), mesh),
@@ -382,6 +400,34 @@ def _epoch_permutation(plan, epoch: int, num_train: int) -> np.ndarray:
   """The epoch's order of the training set, on the host: every process computes the same one."""
   key = jax.random.fold_in(_stage_key(plan.seed, plan.name, 'shuffle'), epoch)
   return np.asarray(jax.random.permutation(key, num_train))
+
+
+def batch_order(plan, num_train: int):
+  """`order(step)`: the training set's rows in step `step`'s batch, `[batch_size]` int32; the
+  same for the device-resident and the streamed path, and for a resumed run."""
+  steps_per_epoch, batch_size = plan.train.steps_per_epoch, plan.train.batch_size
+
+  @functools.lru_cache(maxsize=2)  # streamed: read ahead from grain's threads, into the next.
+  def permutation(epoch: int) -> np.ndarray:
+    return _epoch_permutation(plan, epoch, num_train)
+
+  def order(step: int) -> np.ndarray:
+    epoch, position = divmod(step, steps_per_epoch)
+    return permutation(epoch)[position * batch_size:(position + 1) * batch_size]
+  return order
+
+
+def training_inputs(plan, train_data, start_step: int, mesh):
+  """`(data, indices)` for each step from `start_step` on, the train step's two data arguments:
+  the device-resident split and the batch's rows, or a batch streamed from the host
+  (`kdjax.data.stream`) and its rows."""
+  order = batch_order(plan, train_data.labels.shape[0])
+  if isinstance(train_data, train.HostData):
+    yield from stream.training_batches(train_data, order, start_step, plan.train.total_steps,
+                                       mesh)
+    return
+  for step in range(start_step, plan.train.total_steps):
+    yield train_data, parallel.global_batch(order(step), mesh)
 
 
 def _stage_key(seed: int, stage_name: str, purpose: str) -> jax.Array:
@@ -497,6 +543,16 @@ def _check_skipped(plan: planning.StagePlan, history: List[dict], step: int) -> 
       'command, which resumes from the last checkpoint.')
 
 
+# Steps the host may dispatch ahead of the device: each holds its batch (streamed: the images)
+# until it has run, so an unbounded run-ahead would put a whole epoch's batches on the device.
+RUN_AHEAD_STEPS = 4
+
+
+def _bound_run_ahead(epoch_metrics) -> None:
+  if len(epoch_metrics) > RUN_AHEAD_STEPS:
+    jax.block_until_ready(epoch_metrics[-RUN_AHEAD_STEPS - 1])
+
+
 def _stack_on_host(step_metrics) -> dict:
   """Per-step metric dicts (device scalars) → one dict of numpy arrays, in one transfer."""
   return jax.device_get(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *step_metrics))
@@ -528,7 +584,8 @@ def load_dataset(config) -> kd_data.Dataset:
   and, with `data.train_size` > 0, a class-balanced subset of that many left to train on."""
   dataset = kd_data.load(config.data.name, config.data.npz,
                          num_classes=config.data.num_classes or None,
-                         tfds_data_dir=config.data.tfds_data_dir or None)
+                         tfds_data_dir=config.data.tfds_data_dir or None,
+                         npy_dir=config.data.get('npy_dir', ''))
   dataset = kd_data.hold_out_validation(dataset, config.data.validation_size)
   return kd_data.subsample_train(dataset, config.data.get('train_size', 0))
 
@@ -564,10 +621,14 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     workdirs.claim(config, workdir, overwrite)
     mean, std = kd_data.channel_stats(dataset.x_train)
     normalization = train.Normalization(jnp.asarray(mean), jnp.asarray(std))
-    splits = device_splits(dataset, mesh)._replace(fingerprint=data_fingerprint)
+    pipeline = stream.choose(config.data.get('pipeline', 'device'), dataset,
+                             config.data.get('device_budget_mb', DEVICE_BUDGET_MB))
+    splits = (device_splits(dataset, mesh) if pipeline == 'device' else
+              host_splits(dataset))._replace(fingerprint=data_fingerprint)
     val = f' / {len(dataset.x_val)} validation' if dataset.x_val is not None else ''
     print(f'{dataset.name}: {len(dataset.x_train)} train{val} / {len(dataset.x_test)} test '
-          f'images of {dataset.image_shape}, {dataset.num_classes} classes; stages: '
+          f'images of {dataset.image_shape}, {dataset.num_classes} classes, '
+          f'{"on every device" if pipeline == "device" else "streamed from the host"}; stages: '
           f'{" → ".join(p.name for p in plans)}')
     progress_bar = config.progress_bar and parallel.is_primary()
     rows = []

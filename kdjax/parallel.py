@@ -92,11 +92,22 @@ def global_batch(rows, mesh: Mesh) -> jax.Array:
   (`jax.make_array_from_process_local_data`), so no process puts the whole batch on device.
   """
   rows = np.asarray(rows)
-  sharding = batch_sharded(mesh)
+  return global_rows(process_rows(rows, mesh), mesh, rows.shape[0])
+
+
+def process_rows(rows, mesh: Mesh):
+  """The part of a global batch `rows` (`[B, ...]`) that this process's devices hold."""
   if jax.process_count() == 1:
-    local = rows
-  else:
-    spans = [index[0].indices(rows.shape[0])[:2]
-             for index in sharding.addressable_devices_indices_map(rows.shape).values()]
-    local = rows[min(start for start, _ in spans):max(stop for _, stop in spans)]
-  return jax.make_array_from_process_local_data(sharding, local, rows.shape)
+    return rows
+  shape = np.shape(rows)
+  spans = [index[0].indices(shape[0])[:2]
+           for index in batch_sharded(mesh).addressable_devices_indices_map(shape).values()]
+  return rows[min(start for start, _ in spans):max(stop for _, stop in spans)]
+
+
+def global_rows(local, mesh: Mesh, batch_size: int) -> jax.Array:
+  """This process's rows `local` of a global `[batch_size, ...]` batch, as the global array
+  split over the `data` axis (the other processes pass theirs)."""
+  local = np.asarray(local)
+  return jax.make_array_from_process_local_data(batch_sharded(mesh), local,
+                                                (batch_size, *local.shape[1:]))

@@ -39,6 +39,28 @@ class DeviceData(NamedTuple):
   labels: jax.Array
 
 
+class HostData(NamedTuple):
+  """A split kept on the host (numpy arrays, possibly memory-mapped): uint8 `[N, H, W, C]`
+  images, int32 `[N]` labels, streamed to the device batch by batch (`kdjax.data.stream`)."""
+  images: np.ndarray
+  labels: np.ndarray
+
+
+class StreamedBatch(NamedTuple):
+  """One batch read from a `HostData` split: row i of uint8 `[B, H, W, C]` images and int32 `[B]`
+  labels is the example `indices[i]` of the step's `(data, indices)` arguments."""
+  images: jax.Array
+  labels: jax.Array
+
+
+def batch_rows(data, indices):
+  """The batch's `(images, labels)`: gathered from a device-resident split, or a streamed batch
+  as it is (its rows already are `indices`)."""
+  if isinstance(data, StreamedBatch):
+    return data.images, data.labels
+  return data.images[indices], data.labels[indices]
+
+
 class Normalization(NamedTuple):
   mean: jax.Array  # [C], in [0, 1] pixel units.
   std: jax.Array   # [C]
@@ -147,8 +169,12 @@ def make_train_step(student: nn.Module, loss: Callable,
                     skip_nonfinite: bool = False, num_replicas: Optional[int] = None,
                     mesh: Optional[jax.sharding.Mesh] = None,
                     compiler_options: Optional[dict] = None,
-                    replica_batching: str = 'auto') -> Callable:
+                    replica_batching: str = 'auto', streamed: bool = False) -> Callable:
   """Builds the jitted train step `(state, teacher, train_data, batch_indices, key)`.
+
+  `train_data` is the device-resident training split (`DeviceData`), from which the step
+  gathers `batch_indices`, or with `streamed` the batch itself (a `StreamedBatch` read on the
+  host: `kdjax.data.stream`); the indices still name its rows (for a cached teacher's table).
 
   Args:
     student: the student module.
@@ -202,8 +228,7 @@ def make_train_step(student: nn.Module, loss: Callable,
     keys = key if stacked else key[None]
     step_keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, step)))(keys)
     augment_key, noise_keys = step_keys[0, 0], step_keys[:, 1]
-    images = shard_batch(train_data.images[batch_indices])
-    labels = shard_batch(train_data.labels[batch_indices])
+    images, labels = (shard_batch(x) for x in batch_rows(train_data, batch_indices))
     if augment:
       images = kd_data.random_crop_and_flip(augment_key, images, padding=padding, flip=flip)
     images = kd_data.normalize(images, normalization.mean, normalization.std)
@@ -225,7 +250,8 @@ def make_train_step(student: nn.Module, loss: Callable,
     return jit(train_step, compiler_options, donate_argnums=0)
   whole, rows = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   return jit(train_step, compiler_options, donate_argnums=0,
-             in_shardings=(whole, whole, whole, rows, whole), out_shardings=whole)
+             in_shardings=(whole, whole, rows if streamed else whole, rows, whole),
+             out_shardings=whole)
 
 
 def _student_update(loss, skip_nonfinite: bool, state: TrainState, images, labels, teacher_logits,
@@ -271,17 +297,21 @@ def final_logits(outputs) -> jax.Array:
 
 
 def make_teacher_logits_fn(teacher: nn.Module, normalization: Normalization,
-                           mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
-  """Jitted `(teacher_variables, data, indices) → [B, C]` float32 inference-mode logits."""
+                           mesh: Optional[jax.sharding.Mesh] = None,
+                           streamed: bool = False) -> Callable:
+  """Jitted `(teacher_variables, data, indices) → [B, C]` float32 inference-mode logits;
+  `streamed`: `data` is the batch itself (a `StreamedBatch`), not a device-resident split."""
 
   def teacher_logits(teacher_variables, data: DeviceData, indices):
-    images = kd_data.normalize(data.images[indices], normalization.mean, normalization.std)
+    images = kd_data.normalize(batch_rows(data, indices)[0], normalization.mean,
+                               normalization.std)
     return teacher.apply(teacher_variables, images, train=False).astype(jnp.float32)
 
   if mesh is None:
     return jit(teacher_logits)
   whole, rows = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  return jit(teacher_logits, in_shardings=(whole, whole, rows), out_shardings=rows)
+  return jit(teacher_logits, in_shardings=(whole, rows if streamed else whole, rows),
+             out_shardings=rows)
 
 
 def teacher_logits_table(teacher: nn.Module, teacher_variables, data: DeviceData,
@@ -295,25 +325,34 @@ def teacher_logits_table(teacher: nn.Module, teacher_variables, data: DeviceData
   table is small beside the images it indexes (CIFAR-10: 2 MB against 150 MB). `logits_fn`: a
   `make_teacher_logits_fn` result to reuse (built here if None).
   """
-  logits_fn = logits_fn or make_teacher_logits_fn(teacher, normalization, mesh)
+  logits_fn = logits_fn or make_teacher_logits_fn(teacher, normalization, mesh,
+                                                  streamed=isinstance(data, HostData))
   num = data.labels.shape[0]
-  parts = [logits_fn(teacher_variables, data, indices)
-           for indices, _ in _padded_batches(num, batch_size, mesh)]
+  parts = [logits_fn(teacher_variables, batch, indices)
+           for batch, indices, _ in _padded_batches(num, batch_size, mesh, data)]
   table = jnp.concatenate(parts)[:num]
   return table if mesh is None else parallel.put_replicated(table, mesh)
 
 
-def _padded_batches(num: int, batch_size: int, mesh: Optional[jax.sharding.Mesh] = None):
-  """`(indices [batch_size], mask [batch_size])` covering rows `0 … num − 1` in order; the last
-  batch repeats row `num − 1` where `mask` is 0, so every batch has one shape (one compile).
-  With a `mesh`, both are global arrays split over its `data` axis (`parallel.global_batch`)."""
+def _padded_batches(num: int, batch_size: int, mesh: Optional[jax.sharding.Mesh], data):
+  """`(data, indices [batch_size], mask [batch_size])` covering rows `0 … num − 1` in order; the
+  last batch repeats row `num − 1` where `mask` is 0, so every batch has one shape (one
+  compile). With a `mesh`, indices and mask are global arrays split over its `data` axis
+  (`parallel.global_batch`). A device-resident split is passed on as it is; from a `HostData`
+  split each batch's rows are read and sent (a `StreamedBatch`, this process's rows)."""
+  put = (lambda x: jnp.asarray(x)) if mesh is None else (
+      lambda x: parallel.global_batch(x, mesh))
   for start in range(0, num, batch_size):
     indices = np.arange(start, start + batch_size)
-    batch = np.minimum(indices, num - 1).astype(np.int32), (indices < num).astype(np.float32)
-    if mesh is None:
-      yield tuple(jnp.asarray(x) for x in batch)
-    else:
-      yield tuple(parallel.global_batch(x, mesh) for x in batch)
+    rows = np.minimum(indices, num - 1).astype(np.int32)
+    batch = data
+    if isinstance(data, HostData):
+      mine = rows if mesh is None else parallel.process_rows(rows, mesh)
+      images, labels = np.asarray(data.images[mine]), np.asarray(data.labels[mine])
+      batch = StreamedBatch(*((jnp.asarray(x) for x in (images, labels)) if mesh is None else
+                              (parallel.global_rows(x, mesh, batch_size)
+                               for x in (images, labels))))
+    yield batch, put(rows), put((indices < num).astype(np.float32))
 
 
 def _all_finite(tree) -> jax.Array:
@@ -322,7 +361,7 @@ def _all_finite(tree) -> jax.Array:
 
 
 def make_eval_step(normalization: Normalization, *, num_replicas: Optional[int] = None,
-                   mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
+                   mesh: Optional[jax.sharding.Mesh] = None, streamed: bool = False) -> Callable:
   """Jitted `(state, data, indices, mask) → sums over a batch` of the loss, correct predictions,
   the probability mass on non-true classes, and the prediction entropy (nats).
 
@@ -335,8 +374,8 @@ def make_eval_step(normalization: Normalization, *, num_replicas: Optional[int] 
   """
 
   def eval_step(state: TrainState, eval_data: DeviceData, indices, mask):
-    labels = eval_data.labels[indices]
-    images = kd_data.normalize(eval_data.images[indices], normalization.mean, normalization.std)
+    images, labels = batch_rows(eval_data, indices)
+    images = kd_data.normalize(images, normalization.mean, normalization.std)
     outputs = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images,
                              train=False)
     total = lambda x: jnp.sum(x * mask, axis=-1)
@@ -359,7 +398,8 @@ def make_eval_step(normalization: Normalization, *, num_replicas: Optional[int] 
   if mesh is None:
     return jit(eval_step)
   whole, rows = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  return jit(eval_step, in_shardings=(whole, whole, rows, rows), out_shardings=whole)
+  return jit(eval_step, in_shardings=(whole, rows if streamed else whole, rows, rows),
+             out_shardings=whole)
 
 
 def evaluate(eval_step: Callable, state: TrainState, test_data: DeviceData,
@@ -367,8 +407,9 @@ def evaluate(eval_step: Callable, state: TrainState, test_data: DeviceData,
   """Test loss and accuracy over a whole device-resident split (lists, one per replica, for a
   replicated state). `mesh`: the eval step's mesh (its batches are then global arrays)."""
   totals = None
-  for indices, mask in _padded_batches(test_data.labels.shape[0], batch_size, mesh):
-    sums = eval_step(state, test_data, indices, mask)
+  for batch, indices, mask in _padded_batches(test_data.labels.shape[0], batch_size, mesh,
+                                              test_data):
+    sums = eval_step(state, batch, indices, mask)
     totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = np.ravel(totals['count'])[0]  # the same for every replica.

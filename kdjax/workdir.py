@@ -128,9 +128,7 @@ def sync_processes(name: str) -> None:
 
 def experiment_json(config) -> str:
   """The config as recorded in `config.json` (display-only settings left out)."""
-  settings = config.to_dict()
-  for key in config_layout.RUNTIME_ONLY_KEYS:
-    settings.pop(key, None)
+  settings = config_layout.without_runtime_only(config.to_dict())
   return ml_collections.ConfigDict(settings).to_json_best_effort(indent=2, sort_keys=True)
 
 

@@ -49,6 +49,12 @@ def get_config():
   config.data.num_classes = 0        # 0: inferred from the labels.
   config.data.tfds_data_dir = ''
   config.data.validation_size = 0    # training images held out to select epochs (never the test set).
+  config.data.npy_dir = ''           # a folder of .npy files (kdjax.data.stream), memory-mapped.
+  # How images reach the device: 'device' (every split put on every device once), 'stream'
+  # (batches read on the host by grain and sent each step), 'auto' ('device' when the splits fit
+  # device_budget_mb). The same students either way (kdjax/data/stream.py).
+  config.data.pipeline = 'auto'
+  config.data.device_budget_mb = 4096
   config.data.augment = ml_collections.ConfigDict()
   config.data.augment.enabled = False  # flips and 4-pixel crops would destroy 8×8 digits.
   config.data.augment.crop_padding = 4

@@ -97,9 +97,15 @@ def subsample_train(dataset: Dataset, size: int, seed: int = 0) -> Dataset:
 
 
 def load(name: str = 'digits', npz: str = '', num_classes: Optional[int] = None,
-         tfds_data_dir: Optional[str] = None) -> Dataset:
-  """Loads a dataset: `npz` if given, else the embedded `name`, else the TFDS builder `name`."""
-  if npz:
+         tfds_data_dir: Optional[str] = None, npy_dir: str = '') -> Dataset:
+  """Loads a dataset: `npy_dir` if given (`.npy` files, memory-mapped: `kdjax.data.stream`),
+  else `npz`, else the embedded `name`, else the TFDS builder `name`."""
+  if npy_dir:
+    from kdjax.data import stream
+    arrays = stream.open_npy_folder(npy_dir)
+    arrays = tuple(arrays[s] for s in NPZ_KEYS)
+    label = os.path.basename(os.path.normpath(npy_dir))
+  elif npz:
     arrays = _load_npz(npz)
     label = os.path.basename(npz)
   elif name in EMBEDDED:

@@ -1,0 +1,123 @@
+"""The streaming input path (`kdjax.data.stream`): the same students as the device-resident
+path, data that never goes on the device whole, bitwise resume after SIGKILL."""
+
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, cli_command, run_cli, write_npz
+from kdjax import data as kd_data
+from kdjax import experiment
+from kdjax.data import stream
+from reliability_test import (assert_same_final_state, checkpoint_steps, final_arrays,
+                              results_without_timing)
+from teachers_test import tiny_config
+
+TINY = 'tests/configs/tiny_chain.py'
+
+
+def pipeline_config(pipeline, augment=False):
+  config = tiny_config()
+  config.data.pipeline = pipeline
+  config.train.epochs = 2
+  if augment:  # the teacher then runs live on each augmented batch (no cache).
+    config.data.augment.enabled, config.data.augment.crop_padding = True, 1
+  return config
+
+
+@pytest.mark.parametrize('augment', [False, True])
+def test_streamed_and_device_resident_train_the_same_students(tmp_path, augment):
+  # Same rows in the same order, the same augmentation keys: the same teacher and student (the
+  # student learning from a cached teacher without augmentation, from a live one with it).
+  rows = {}
+  for pipeline in ('device', 'stream'):
+    rows[pipeline] = experiment.run(pipeline_config(pipeline, augment),
+                                    str(tmp_path / pipeline))
+  for stage in ('teacher', 'student'):
+    _, device = final_arrays(tmp_path / 'device', stage)
+    _, streamed = final_arrays(tmp_path / 'stream', stage)
+    for a, b in zip(device, streamed):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for a, b in zip(rows['device'], rows['stream']):
+    assert abs(a.test_accuracy - b.test_accuracy) < 1e-6 and a.data_fingerprint == b.data_fingerprint
+
+
+def test_auto_streams_data_over_the_budget_and_the_device_never_holds_it(tmp_path, monkeypatch):
+  # 6,000 images of 16×16×3 (4.4 MiB) against a 1 MiB budget: 'auto' streams them, and the
+  # device's live arrays (sampled every 37th step: `jax.live_arrays()` itself keeps the arrays
+  # it returns alive a while, so sampling every step would measure its own leak) hold no more
+  # than the budget plus a few batches, and never a split's images.
+  rng = np.random.default_rng(0)
+  npz = write_npz(tmp_path / 'big.npz', image_shape=(16, 16, 3), num_train=6000, num_test=500,
+                  num_classes=10, y_train=rng.integers(0, 10, 6000), y_test=rng.integers(0, 10, 500))
+  config = pipeline_config('auto')
+  config.data.name, config.data.npz, config.data.device_budget_mb = 'npz', npz, 1
+  config.train.epochs = 1
+  assert stream.split_bytes(kd_data.load('npz', npz)) > 4 * 2**20
+  steps, peaks, largest = [], [], []
+  original = stream.training_batches
+
+  def measured(*args, **kwargs):
+    for batch in original(*args, **kwargs):
+      steps.append(1)
+      if len(steps) % 37 == 0:
+        live = jax.live_arrays()
+        peaks.append(sum(x.nbytes for x in live))
+        largest.append(max(x.shape[0] for x in live if x.ndim == 4 and x.dtype == np.uint8))
+        del live
+      yield batch
+  monkeypatch.setattr(stream, 'training_batches', measured)
+  experiment.run(config, str(tmp_path / 'run'))
+  assert len(steps) == 2 * (6000 // config.train.batch_size)  # both stages streamed.
+  batch_bytes = config.train.batch_size * 16 * 16 * 3
+  assert len(peaks) >= 9 and max(peaks) <= 2**20 + 16 * batch_bytes, peaks
+  # Images on the device: batches only, never a split (the student's cached teacher logits,
+  # [6000, 10] float32, are: 4 bytes a class an example, see BUILD_NOTES).
+  assert max(largest) == config.train.batch_size
+
+
+def test_an_npz_converted_to_npy_files_streams_the_same_run(tmp_path):
+  rng = np.random.default_rng(1)
+  npz = write_npz(tmp_path / 'data.npz', image_shape=(8, 8, 1), num_train=300, num_test=60,
+                  num_classes=10, y_train=rng.integers(0, 10, 300), y_test=rng.integers(0, 10, 60))
+  folder = tmp_path / 'npy'
+  done = subprocess.run([*cli_command(tmp_path, TINY)[:1], '-m', 'kdjax.data.stream', npz,
+                         str(folder)], cwd=REPO, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr
+  opened = stream.open_npy_folder(str(folder))
+  assert all(isinstance(a, np.memmap) for a in opened.values())
+  rows = {}
+  for name, data in (('npz', {'npz': npz}), ('npy', {'npy_dir': str(folder)})):
+    config = pipeline_config('stream' if name == 'npy' else 'device')
+    for key, value in data.items():
+      config.data[key] = value
+    config.data.name = 'npz'
+    rows[name] = experiment.run(config, str(tmp_path / name))
+  assert [r.test_accuracy for r in rows['npz']] == [r.test_accuracy for r in rows['npy']]
+  assert rows['npz'][0].data_fingerprint == rows['npy'][0].data_fingerprint
+
+
+def test_sigkill_mid_epoch_while_streaming_resumes_bitwise(cli_env, tmp_path):
+  streamed = ('--config.data.pipeline=stream', '--config.train.epochs=2')
+  reference = tmp_path / 'reference'
+  assert run_cli(cli_env, reference, TINY, *streamed).returncode == 0
+  workdir = tmp_path / 'run'
+  process = subprocess.Popen(cli_command(workdir, TINY, '--config.progress_bar=False',
+                                         *streamed), cwd=REPO, env=cli_env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not any(s >= 30 for s in checkpoint_steps(workdir, 'student')):  # mid-epoch (44).
+    assert process.poll() is None and time.time() < deadline, process.communicate()
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  resumed = run_cli(cli_env, workdir, TINY, *streamed)
+  assert resumed.returncode == 0, resumed.stderr
+  assert 'streamed from the host' in resumed.stdout
+  assert_same_final_state(reference, workdir)
+  assert results_without_timing(reference) == results_without_timing(workdir)
