@@ -37,7 +37,8 @@ from kdjax.errors import KdjaxError
 STAGE_KEYS = ('model', 'loss', 'loss_kw', 'teacher', 'teachers', 'num_replicas', 'train',
               'teacher_source')
 EXTERNAL_TEACHER_KEYS = ('path', 'model', 'layout')
-TEACHER_SOURCE_DEFAULTS = {'replica': 'first', 'cache_logits': True, 'dtype': 'float32'}
+TEACHER_SOURCE_DEFAULTS = {'replica': 'first', 'cache_logits': True, 'dtype': 'float32',
+                           'cache_dtype': 'float32'}
 # Settings that change how a run is shown or guarded, not what it computes: left out of
 # config.json, so changing one (to resume past a skipped-step failure, say) is the same run.
 # (A dotted key names a setting inside a block: how the data reaches the device changes the
@@ -46,7 +47,8 @@ RUNTIME_ONLY_KEYS = ('progress_bar', 'compilation_cache_dir', 'max_skipped_fract
                      'data.pipeline', 'data.device_budget_mb')
 # Settings added since runs were first recorded, at the value that means "as before": a record
 # without them is the same experiment.
-NEUTRAL_DEFAULTS = {'data.npy_dir': ''}
+NEUTRAL_DEFAULTS = {'data.npy_dir': '', 'data.augment.kind': 'pad_crop_flip',
+                    'data.augment.size': 0}
 
 
 def without_runtime_only(settings: dict) -> dict:

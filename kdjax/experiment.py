@@ -131,20 +131,22 @@ def run_stage(plan: planning.StagePlan, workdir: str, splits: Splits,
     state = parallel.put_replicated(state, mesh)
     metrics_file = workdirs.metrics_path(workdir, name)
     history = resumed_history(meta, metrics_file, _step_of(state) // t.steps_per_epoch)
-    teacher = teachers.make_source(plan, workdir, splits.train, normalization, mesh)
+    teacher = teachers.make_source(plan, workdir, splits.train, normalization, mesh,
+                                   data_fingerprint=splits.fingerprint,
+                                   fingerprints=provenance['teachers'])
     train_step, eval_step, compile_s = compile_steps(plan, state, teacher, splits.train,
                                                      normalization, mesh)
     augment_keys = _replica_keys(plan, 'augment')
     step = _step_of(state)
-    inputs = training_inputs(plan, splits.train, step, mesh)
+    inputs = training_inputs(plan, splits.train, teacher, step, mesh)
     progress = _progress_bar(progress_bar, name, t.total_steps, step)
     epoch_metrics, unchecked = resumed_epoch_steps(meta), []
     epoch_start, epoch_images = time.perf_counter(), 0
     with _preemption_guard() as preempted, tensorboard.open_writer(
         workdirs.stage_dir(workdir, name), history) as events:  # rewritten from history.
       while step < t.total_steps:
-        train_data, batch = next(inputs)
-        state, step_metrics = train_step(state, teacher, train_data, batch, augment_keys)
+        step_teacher, train_data, batch = next(inputs)
+        state, step_metrics = train_step(state, step_teacher, train_data, batch, augment_keys)
         step += 1
         epoch_metrics.append(step_metrics)
         _bound_run_ahead(epoch_metrics)
@@ -340,6 +342,7 @@ def compile_steps(plan: planning.StagePlan, state, teacher, train_data, normaliz
     train_data = train.StreamedBatch(*(jax.ShapeDtypeStruct(
         (t.batch_size, *x.shape[1:]), x.dtype, sharding=parallel.batch_sharded(mesh))
         for x in train_data))
+    teacher = teachers.with_rows(teacher, teachers.batch_row_shapes(teacher, t.batch_size, mesh))
   compile_start = time.perf_counter()
   train_step = train_step.lower(state, teacher, train_data,
                                 parallel.global_batch(np.zeros(t.batch_size, np.int32), mesh),
@@ -417,17 +420,20 @@ def batch_order(plan, num_train: int):
   return order
 
 
-def training_inputs(plan, train_data, start_step: int, mesh):
-  """`(data, indices)` for each step from `start_step` on, the train step's two data arguments:
-  the device-resident split and the batch's rows, or a batch streamed from the host
-  (`kdjax.data.stream`) and its rows."""
+def training_inputs(plan, train_data, teacher, start_step: int, mesh):
+  """`(teacher, data, indices)` for each step from `start_step` on, the train step's arguments
+  that change: the device-resident split and the batch's rows; or a batch streamed from the host
+  (`kdjax.data.stream`), its rows, and the teacher with those rows of its logits file
+  (`teachers.DiskCachedTeacher`) if it has one."""
   order = batch_order(plan, train_data.labels.shape[0])
   if isinstance(train_data, train.HostData):
-    yield from stream.training_batches(train_data, order, start_step, plan.train.total_steps,
-                                       mesh)
+    tables = [(t.table(), t.per_replica) for t in teachers.disk_tables(teacher)]
+    for batch, indices, rows in stream.training_batches(
+        train_data, order, start_step, plan.train.total_steps, mesh, tables):
+      yield teachers.with_rows(teacher, rows), batch, indices
     return
   for step in range(start_step, plan.train.total_steps):
-    yield train_data, parallel.global_batch(order(step), mesh)
+    yield teacher, train_data, parallel.global_batch(order(step), mesh)
 
 
 def _stage_key(seed: int, stage_name: str, purpose: str) -> jax.Array:
@@ -582,10 +588,7 @@ def _progress_bar(enabled: bool, name, total, initial):
 def load_dataset(config) -> kd_data.Dataset:
   """The config's dataset, with `data.validation_size` training images held out for validation
   and, with `data.train_size` > 0, a class-balanced subset of that many left to train on."""
-  dataset = kd_data.load(config.data.name, config.data.npz,
-                         num_classes=config.data.num_classes or None,
-                         tfds_data_dir=config.data.tfds_data_dir or None,
-                         npy_dir=config.data.get('npy_dir', ''))
+  dataset = kd_data.sources.load_from_config(config.data)
   dataset = kd_data.hold_out_validation(dataset, config.data.validation_size)
   return kd_data.subsample_train(dataset, config.data.get('train_size', 0))
 

@@ -13,6 +13,7 @@ rewrites nothing (and works from a read-only folder).
 """
 
 import contextlib
+import hashlib
 import os
 from typing import Iterator
 
@@ -88,3 +89,12 @@ def update_bytes(path: str, data: bytes) -> bool:
 
 def update_text(path: str, text: str) -> bool:
   return update_bytes(path, text.encode('utf-8'))
+
+
+def sha256_of(path: str, chunk_bytes: int = 1 << 24) -> str:
+  """The SHA-256 of a file's bytes, read in chunks (a table larger than memory is fine)."""
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(chunk_bytes), b''):
+      digest.update(chunk)
+  return digest.hexdigest()

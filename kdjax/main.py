@@ -14,7 +14,6 @@ On Linux the command restarts itself once with glibc's malloc on transparent hug
 
 import errno
 import os
-import re
 import sys
 import threading
 

@@ -105,9 +105,28 @@ def process_rows(rows, mesh: Mesh):
   return rows[min(start for start, _ in spans):max(stop for _, stop in spans)]
 
 
-def global_rows(local, mesh: Mesh, batch_size: int) -> jax.Array:
-  """This process's rows `local` of a global `[batch_size, ...]` batch, as the global array
-  split over the `data` axis (the other processes pass theirs)."""
+def global_rows(local, mesh: Mesh, batch_size: int, axis: int = 0) -> jax.Array:
+  """This process's rows `local` of a global batch of `batch_size` rows on `axis` (0, or 1 for
+  per-replica `[R, B, ...]` rows), as the global array split over the `data` axis (the other
+  processes pass theirs)."""
   local = np.asarray(local)
-  return jax.make_array_from_process_local_data(batch_sharded(mesh), local,
-                                                (batch_size, *local.shape[1:]))
+  shape = list(local.shape)
+  shape[axis] = batch_size
+  return jax.make_array_from_process_local_data(batch_sharded(mesh, axis=axis), local,
+                                                tuple(shape))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A global array's values on the host of every process (each holds only its rows of a batch
+  split over the mesh: with several processes they are gathered)."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def sync_processes(name: str) -> None:
+  """Waits until every process reaches this point (nothing to wait for with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

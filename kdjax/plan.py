@@ -25,6 +25,7 @@ import optax
 
 from kdjax import checkpoints
 from kdjax import config_layout
+from kdjax.data import augment as augment_lib
 from kdjax import flax_import
 from kdjax import models
 from kdjax import stage_losses
@@ -34,6 +35,7 @@ from kdjax.errors import KdjaxError
 
 TEACHER_DTYPES = ('float32', 'bfloat16')
 TEACHER_REPLICA = ('first', 'matching')
+CACHE_DTYPES = ('float32', 'float16')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +103,8 @@ class TeacherSourcePlan:
   ensemble: bool = False      # the loss learns from several teachers: logits on a [K] axis.
   cache_logits: bool = False  # computed once per stage (only without augmentation).
   per_replica: bool = False
+  # A streamed training set's cached logits go to a file (`teachers.disk_cache`), in this dtype.
+  cache_dtype: str = 'float32'
 
   @property
   def names(self) -> str:
@@ -112,6 +116,8 @@ class Augment:
   enabled: bool
   crop_padding: int
   flip: bool
+  kind: str = 'pad_crop_flip'  # or 'random_resized_crop' (`kdjax.data.augment.KINDS`).
+  size: int = 0                # random_resized_crop's output side; 0: the images' own size.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,8 +219,8 @@ def _check_globals(config) -> None:
                      f"of: {', '.join(train.REPLICA_BATCHING)}.")
   skipped = config.get('max_skipped_fraction', DEFAULT_MAX_SKIPPED)
   if isinstance(skipped, bool) or not isinstance(skipped, (int, float)) or not 0 <= skipped <= 1:
-    raise KdjaxError(f'config.max_skipped_fraction must be a number in [0, 1] (the fraction of '
-                     "steps nan_policy='skip' may drop before a stage fails), got {skipped!r}.")
+    raise KdjaxError('config.max_skipped_fraction must be a number in [0, 1] (the fraction of '
+                     f"steps nan_policy='skip' may drop before a stage fails), got {skipped!r}.")
   replicas = config.get('num_replicas')
   if not _is_int(replicas) or replicas < 1:
     raise KdjaxError(f'config.num_replicas must be an integer >= 1 (students trained at once), '
@@ -409,8 +415,7 @@ def _stage_plan(config, settings, name, earlier, external, data: DataInfo, num_d
     raise KdjaxError(f"{where}: num_replicas must be an integer >= 1, or 0 for "
                      f'config.num_replicas; got {own_replicas!r}.')
   train_plan = _train_plan(stage.train, stage.model, data, num_devices, where)
-  augment = Augment(bool(config.data.augment.enabled), int(config.data.augment.crop_padding),
-                    bool(config.data.augment.flip))
+  augment = _augment(config.data.augment, data)
   teacher = _teacher_source_plan(config, stage, earlier, external, data, augment, where)
   evaluators = ('test', 'validation') if data.has_validation else ('test',)
   batching, batching_note = replica_batching(config.replica_batching, stage.num_replicas,
@@ -422,6 +427,27 @@ def _stage_plan(config, settings, name, earlier, external, data: DataInfo, num_d
       multi_exit=multi_exit, image_shape=data.image_shape, num_classes=data.num_classes,
       settings_fingerprint=settings_fingerprint, batching_note=batching_note,
       max_skipped_fraction=float(config.get('max_skipped_fraction', DEFAULT_MAX_SKIPPED)))
+
+
+def _augment(block, data: DataInfo) -> Augment:
+  """`config.data.augment`, checked: its kind, and a random resized crop's size against the
+  images (the test split is evaluated as stored, so a model must train at the stored size)."""
+  kind, size = block.get('kind', 'pad_crop_flip'), block.get('size', 0)
+  if kind not in augment_lib.KINDS:
+    raise KdjaxError(f"unknown data.augment.kind '{kind}'; choose one of: "
+                     f"{', '.join(augment_lib.KINDS)}.")
+  if not _is_int(size) or size < 0:
+    raise KdjaxError(f'data.augment.size must be an integer >= 0 (0: the images\' size), got '
+                     f'{size!r}.')
+  height, width = data.image_shape[:2]
+  if block.enabled and kind == 'random_resized_crop' and size and (size, size) != (height, width):
+    raise KdjaxError(
+        f'data.augment.size {size} differs from the {height}×{width} images of {data.name}: '
+        'kdjax evaluates the test images as they are stored, so a model trained on '
+        f'{size}×{size} crops would be tested at {height}×{width}. Store the images at the '
+        'training size instead (a TFDS dataset: --config.data.image_size, which stores the test '
+        'split as resize-then-center-crop, the ImageNet protocol) and leave data.augment.size 0.')
+  return Augment(bool(block.enabled), int(block.crop_padding), bool(block.flip), kind, int(size))
 
 
 def _model(config, name, data: DataInfo, where, dtype=jnp.float32,
@@ -513,6 +539,9 @@ def _teacher_source_plan(config, stage, earlier, external, data, augment: Augmen
        f"{', '.join(TEACHER_REPLICA)}"),
       (isinstance(source.cache_logits, bool),
        f'teacher_source.cache_logits must be True or False, got {source.cache_logits!r}'),
+      (source.cache_dtype in CACHE_DTYPES,
+       f"unknown teacher_source.cache_dtype '{source.cache_dtype}'; choose one of: "
+       f"{', '.join(CACHE_DTYPES)}"),
   ]
   for ok, message in checks:
     if not ok:
@@ -542,7 +571,8 @@ def _teacher_source_plan(config, stage, earlier, external, data, augment: Augmen
     teachers.append(TeacherPlan(name, float(weight), model, theirs, per_replica))
   return TeacherSourcePlan(
       teachers=tuple(teachers), ensemble=stage_losses.LOSSES[stage.loss].several_teachers,
-      cache_logits=source.cache_logits and not train.augments(augment), per_replica=per_replica)
+      cache_logits=source.cache_logits and not train.augments(augment), per_replica=per_replica,
+      cache_dtype=source.cache_dtype)
 
 
 def _external_teacher_plan(config, teacher: ExternalTeacher, weight, per_replica, data, dtype,

@@ -24,16 +24,19 @@ in `config.external_teachers`; another workdir or an Orbax checkpoint later) is
 `CachedTeacher`) like any other.
 """
 
+import contextlib
 import os
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 from flax import struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kdjax import checkpoints
+from kdjax import files
 from kdjax import flax_import
 from kdjax import models
 from kdjax import parallel
@@ -95,6 +98,50 @@ class CachedTeacher:
 
 
 @struct.dataclass
+class DiskCachedTeacher:
+  """The batch's rows of a logits table kept in a file (`disk_cache`), read on the host with
+  the batch's images: `rows` `[B, C]` (or `[R, B, C]`), replaced every step (`with_rows`). For a
+  training set streamed from the host, whose `[N, C]` table need not fit on the device."""
+  rows: jax.Array
+  path: str = struct.field(pytree_node=False)
+  per_replica: bool = struct.field(pytree_node=False, default=False)
+  needs_unaugmented_images: bool = struct.field(pytree_node=False, default=True)
+
+  def logits(self, images, indices) -> jax.Array:
+    return self.rows.astype(jnp.float32)
+
+  def table(self):
+    """The file's `[N, C]` (or `[R, N, C]`) table, memory-mapped."""
+    return np.load(self.path, mmap_mode='r')
+
+
+def disk_tables(source) -> List[DiskCachedTeacher]:
+  """The `DiskCachedTeacher`s of a source (itself, or an ensemble's members), in order."""
+  members = source.members if isinstance(source, TeacherEnsemble) else (source,)
+  return [m for m in members if isinstance(m, DiskCachedTeacher)]
+
+
+def batch_row_shapes(source, batch_size: int, mesh) -> List[jax.ShapeDtypeStruct]:
+  """The shapes each `DiskCachedTeacher`'s `rows` take in a step (to compile the step with)."""
+  shapes = []
+  for member in disk_tables(source):
+    table = member.table()
+    shape = (*table.shape[:-2], batch_size, table.shape[-1])
+    shapes.append(jax.ShapeDtypeStruct(shape, table.dtype, sharding=parallel.batch_sharded(
+        mesh, axis=len(shape) - 2)))
+  return shapes
+
+
+def with_rows(source, rows: Sequence[jax.Array]):
+  """`source` with each `DiskCachedTeacher`'s `rows` replaced by the next of `rows`."""
+  rows = iter(rows)
+  replace = lambda m: m.replace(rows=next(rows)) if isinstance(m, DiskCachedTeacher) else m
+  if isinstance(source, TeacherEnsemble):
+    return source.replace(members=tuple(replace(m) for m in source.members))
+  return replace(source)
+
+
+@struct.dataclass
 class TeacherEnsemble:
   """Its members' logits stacked on a teacher axis: `[K, B, C]` (`[R, K, B, C]` per replica)."""
   members: Tuple[Any, ...]
@@ -126,6 +173,82 @@ def cache(source: LiveTeacher, data: train.DeviceData, normalization: train.Norm
   else:
     logits = table(source.variables)
   return CachedTeacher(jax.block_until_ready(logits), per_replica=source.per_replica)
+
+
+def disk_cache(source: LiveTeacher, data: train.HostData, normalization: train.Normalization,
+               batch_size: int, mesh, path: str, dtype: str, log=print) -> DiskCachedTeacher:
+  """The live teacher's logits on every image of a streamed training set, in the file `path`
+  (an `.npy` memory-mapped when read): `[N, C]`, or `[R, N, C]` per replica, in `dtype`.
+
+  Written once, batch by batch (the table never on the device), to a temporary name, fsynced and
+  renamed: a run killed while writing leaves no table, and the next one writes it again. A file
+  already there (this teacher on this data: both fingerprints are in its name) is reused after
+  its SHA-256, kept beside it, is checked; a damaged one is written again. With several
+  processes each computes its rows, process 0 writes, and the others wait for it.
+  """
+  if not _intact(path):
+    start = time.perf_counter()
+    logits_fn = train.make_teacher_logits_fn(source.module, normalization, mesh, streamed=True)
+    count, num = (jax.tree_util.tree_leaves(source.variables)[0].shape[0]
+                  if source.per_replica else 0), data.labels.shape[0]
+    probe = jax.eval_shape(logits_fn, train.replica(source.variables, 0) if count else
+                           source.variables, *next(train._padded_batches(1, 1, mesh, data))[:2])
+    shape = ((count,) if count else ()) + (num, probe.shape[-1])
+    with _written_atomically(path) as temporary:
+      table = (np.lib.format.open_memmap(temporary, mode='w+', dtype=dtype, shape=shape)
+               if parallel.is_primary() else None)
+      for r in range(max(count, 1)):
+        variables = train.replica(source.variables, r) if count else source.variables
+        for batch, indices, mask in train._padded_batches(num, batch_size, mesh, data):
+          logits = parallel.to_host(logits_fn(variables, batch, indices))
+          start_row = int(parallel.to_host(indices)[0])
+          rows = slice(start_row, min(start_row + batch_size, num))
+          if table is not None:
+            (table[r] if count else table)[rows] = logits[:rows.stop - rows.start]
+      if table is not None:
+        table.flush()
+        del table
+    log(f"cached the teacher's logits on {num} streamed training images in "
+        f'{path} ({dtype}) in {time.perf_counter() - start:.1f} s.')
+  empty = np.zeros((0,), dtype)
+  return DiskCachedTeacher(jnp.asarray(empty), path, per_replica=source.per_replica)
+
+
+def _intact(path: str) -> bool:
+  """Whether `path` holds a table whose SHA-256 is the one recorded beside it."""
+  if not os.path.exists(path):
+    return False
+  try:
+    with open(path + '.sha256') as f:
+      recorded = f.read().strip()
+  except OSError:
+    recorded = ''
+  if recorded == files.sha256_of(path):
+    return True
+  print(f'{path}: the teacher-logit table does not match its recorded checksum (damaged, or '
+        'cut short); writing it again.')
+  return False
+
+
+@contextlib.contextmanager
+def _written_atomically(path: str):
+  """A temporary name to write the table to; on success it becomes `path` (with its checksum
+  beside it), atomically. Process 0 writes; every process leaves once the file is in place."""
+  temporary = f'{path}.tmp-{os.getpid()}'
+  if parallel.is_primary():
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  try:
+    yield temporary
+    if parallel.is_primary():
+      with open(temporary, 'rb+') as f:
+        os.fsync(f.fileno())
+      digest = files.sha256_of(temporary)
+      os.replace(temporary, path)
+      files.write_text_atomic(path + '.sha256', digest + '\n')
+  finally:
+    if parallel.is_primary() and os.path.exists(temporary):
+      os.remove(temporary)
+    parallel.sync_processes(f'kdjax: teacher logits written to {os.path.basename(path)}')
 
 
 def load_variables(teacher_plan, workdir: str, image_shape) -> dict:
@@ -175,9 +298,13 @@ def fingerprints(stage_plan, workdir: str) -> dict:
 
 
 def make_source(stage_plan, workdir: str, train_data: train.DeviceData,
-                normalization: train.Normalization, mesh, log=print):
-  """The teacher source a stage plan asks for: none, live, cached, or an ensemble of them."""
+                normalization: train.Normalization, mesh, log=print,
+                data_fingerprint: str = '', fingerprints: Optional[dict] = None):
+  """The teacher source a stage plan asks for: none, live, cached (on device, or in a file for
+  a streamed training set, named by the teacher's and the data's fingerprints), or an ensemble
+  of them."""
   plan = stage_plan.teacher
+  fingerprints = fingerprints or {}
   if not plan.teachers:
     return NoTeacher()
   members = []
@@ -186,7 +313,14 @@ def make_source(stage_plan, workdir: str, train_data: train.DeviceData,
         load_variables(teacher, workdir, stage_plan.image_shape), mesh)
     source = LiveTeacher(variables, teacher.model, per_replica=teacher.per_replica,
                          batching=stage_plan.replica_batching)
-    if plan.cache_logits:
+    if plan.cache_logits and isinstance(train_data, train.HostData):
+      path = os.path.join(workdir, 'teacher_logits', f'{teacher.stage.replace("/", "_")}-'
+                          f'{fingerprints.get(teacher.stage, "")[:16]}-{data_fingerprint[:16]}-'
+                          f'{plan.cache_dtype}.npy')
+      source = disk_cache(source, train_data, normalization, stage_plan.train.eval_batch_size,
+                          mesh, path, plan.cache_dtype,
+                          log=lambda m: log(f'[{stage_plan.name}] {m}'))
+    elif plan.cache_logits:
       start = time.perf_counter()
       source = cache(source, train_data, normalization, stage_plan.train.eval_batch_size, mesh)
       log(f"[{stage_plan.name}] cached the teacher's logits on {train_data.labels.shape[0]} "

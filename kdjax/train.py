@@ -160,8 +160,11 @@ def replica(tree, r: int):
 
 
 def augments(augment_config: ml_collections.ConfigDict) -> bool:
-  """Whether the train step changes images at all (crops or flips)."""
-  return bool(augment_config.enabled and (augment_config.crop_padding > 0 or augment_config.flip))
+  """Whether the train step changes images at all (crops or flips; a random resized crop
+  always does)."""
+  resized = getattr(augment_config, 'kind', 'pad_crop_flip') == 'random_resized_crop'
+  return bool(augment_config.enabled and (resized or augment_config.crop_padding > 0
+                                          or augment_config.flip))
 
 
 def make_train_step(student: nn.Module, loss: Callable,
@@ -180,7 +183,8 @@ def make_train_step(student: nn.Module, loss: Callable,
     student: the student module.
     loss: a stage loss (`kdjax.stage_losses`): `loss(outputs, teacher_logits, labels, key)` gives
       per-example values, reduced here by their mean (the one place losses are reduced).
-    augment_config: `enabled`, `crop_padding`, `flip` (a config block or `plan.Augment`).
+    augment_config: `enabled`, `crop_padding`, `flip`, `kind`, `size` (a config block or
+      `plan.Augment`; see `kdjax.data.augment.augmenter`).
     skip_nonfinite: a step whose loss or updated parameters are not finite leaves the parameters,
       statistics and optimiser state as they were (the step counter still advances) and reports
       `skipped = 1`; otherwise the caller stops on the first non-finite loss.
@@ -204,7 +208,7 @@ def make_train_step(student: nn.Module, loss: Callable,
   resumed stage replays it exactly. The state argument is donated.
   """
   augment = augments(augment_config)
-  padding, flip = augment_config.crop_padding, augment_config.flip
+  augment_images = kd_data.augment.augmenter(augment_config)  # by kind: crop+flip, or RRC+flip.
   if replica_batching not in REPLICA_BATCHING:
     raise KdjaxError(f"unknown replica_batching '{replica_batching}'; choose one of: "
                      f"{', '.join(REPLICA_BATCHING)}.")
@@ -230,7 +234,7 @@ def make_train_step(student: nn.Module, loss: Callable,
     augment_key, noise_keys = step_keys[0, 0], step_keys[:, 1]
     images, labels = (shard_batch(x) for x in batch_rows(train_data, batch_indices))
     if augment:
-      images = kd_data.random_crop_and_flip(augment_key, images, padding=padding, flip=flip)
+      images = augment_images(augment_key, images)
     images = kd_data.normalize(images, normalization.mean, normalization.std)
     teacher_logits = teacher.logits(images, batch_indices)
     if teacher_logits is not None:  # [..., B, C]: the batch axis is split over the devices.
@@ -249,8 +253,11 @@ def make_train_step(student: nn.Module, loss: Callable,
   if mesh is None:
     return jit(train_step, compiler_options, donate_argnums=0)
   whole, rows = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  # Streamed: the batch's rows come sharded, and so may a teacher's (`DiskCachedTeacher`):
+  # the teacher's shardings are then its arguments' own (None: taken from the arrays).
   return jit(train_step, compiler_options, donate_argnums=0,
-             in_shardings=(whole, whole, rows if streamed else whole, rows, whole),
+             in_shardings=(whole, None if streamed else whole, rows if streamed else whole,
+                           rows, whole),
              out_shardings=whole)
 
 

@@ -119,11 +119,7 @@ def write_metrics(path: str, history: List[dict]) -> None:
     files.update_text(path, ''.join(json.dumps(m) + '\n' for m in history))
 
 
-def sync_processes(name: str) -> None:
-  """Waits until every process reaches this point (nothing to wait for with one process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
+sync_processes = parallel.sync_processes  # one barrier, named where it is used.
 
 
 def experiment_json(config) -> str:

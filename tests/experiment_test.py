@@ -168,7 +168,7 @@ BAD_INPUTS = {
                                   ('stages.student.teachers', {'teacher': -1.0})],
                        'teacher weights must be numbers > 0'),
     'max_skipped_fraction': (lambda p: [('max_skipped_fraction', 1.5)],
-                             r'max_skipped_fraction must be a number in \[0, 1\]'),
+                             r'max_skipped_fraction must be a number in \[0, 1\].*got 1.5'),
     # Stage names: a stage writes only inside its own folder of the workdir.
     'stage name an absolute path': (lambda p: student_named(f'{p}/outside'),
                                     'cannot be a folder name inside the workdir'),

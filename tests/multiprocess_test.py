@@ -7,11 +7,9 @@ is left if it fails.
 
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import numpy as np

@@ -167,14 +167,17 @@ def test_a_stop_signal_at_any_moment_saves_and_resumes_bitwise(cli_env, tmp_path
     wait_for(lambda: MOMENTS[moment](workdir, reference_run), process)
   for _ in range(times):
     process.send_signal(signum)
-    time.sleep(0.05)
+    time.sleep(0.2)
   _, stderr = process.communicate(timeout=120)
   assert 'Traceback' not in stderr, stderr
   if process.returncode == 0:  # the run had ended before the signal could reach it.
     assert moment == 'at the final write' and 'received' not in stderr, stderr
   else:
     assert process.returncode == 128 + signum, stderr
-    assert stderr.count('received') == times, stderr
+    # Each signal the process's handler sees is answered; signals of one kind are not queued
+    # by the kernel, so two that arrive while the main thread is inside one C call (a save)
+    # reach Python's handler as one.
+    assert 1 <= stderr.count('received') <= times, stderr
     name = 'Ctrl-C (SIGINT)' if signum == signal.SIGINT else 'SIGTERM'
     assert f'stopped by {name}' in stderr, stderr
   resumed = run_cli(cli_env, workdir, TINY)

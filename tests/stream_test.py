@@ -1,7 +1,6 @@
 """The streaming input path (`kdjax.data.stream`): the same students as the device-resident
 path, data that never goes on the device whole, bitwise resume after SIGKILL."""
 
-import os
 import signal
 import subprocess
 import time
@@ -121,3 +120,74 @@ def test_sigkill_mid_epoch_while_streaming_resumes_bitwise(cli_env, tmp_path):
   assert 'streamed from the host' in resumed.stdout
   assert_same_final_state(reference, workdir)
   assert results_without_timing(reference) == results_without_timing(workdir)
+
+
+def logits_file(workdir):
+  (path,) = [p for p in (workdir / 'teacher_logits').iterdir() if p.suffix == '.npy']
+  return path
+
+
+def test_a_streamed_student_reads_its_teachers_logits_from_a_file(tmp_path, capsys):
+  # The table holds the teacher's inference-mode logits on every training image in order: the
+  # same as the teacher model applied to those images here, and the student trained from it is
+  # the device path's (cached on device). A damaged file is written again, not trusted.
+  from kdjax import models
+  run = tmp_path / 'stream'
+  experiment.run(pipeline_config('stream'), str(run))
+  table = np.load(logits_file(run))
+  dataset = kd_data.load('digits')
+  mean, std = kd_data.channel_stats(dataset.x_train)
+  config = pipeline_config('stream')
+  model = models.get_model(config.stages.teacher.model, 10)
+  _, teacher_leaves = final_arrays(run, 'teacher')
+  variables = jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(models.init_variables(model, (8, 8, 1), jax.random.key(0))),
+      teacher_leaves)
+  images = (dataset.x_train.astype(np.float32) / 255 - mean) / std
+  expected = np.asarray(model.apply(variables, images, train=False))
+  np.testing.assert_allclose(table, expected, rtol=1e-5, atol=1e-5)
+  # Damage: the next stage that needs it writes it again (and trains the same student).
+  path = logits_file(run)
+  data = bytearray(path.read_bytes())
+  data[-40:] = bytes(40)
+  path.write_bytes(bytes(data))
+  import shutil
+  shutil.rmtree(run / 'stages' / 'student')
+  capsys.readouterr()
+  again = experiment.run(pipeline_config('stream'), str(run))
+  assert 'does not match its recorded checksum' in capsys.readouterr().out
+  np.testing.assert_array_equal(np.load(path), table)
+  assert not [p for p in path.parent.iterdir() if '.tmp-' in p.name]
+  assert again[1].test_accuracy == experiment.run(pipeline_config('device'),
+                                                  str(tmp_path / 'device'))[1].test_accuracy
+
+
+def test_float16_logit_files_halve_the_bytes_within_half_precision(tmp_path):
+  rows = {}
+  for dtype in ('float32', 'float16'):
+    config = pipeline_config('stream')
+    config.teacher_source.cache_dtype = dtype
+    rows[dtype] = experiment.run(config, str(tmp_path / dtype))
+  full, half = (np.load(logits_file(tmp_path / d)) for d in ('float32', 'float16'))
+  assert half.dtype == np.float16 and half.nbytes * 2 == full.nbytes
+  # float16 keeps 11 significant bits: each logit within 2^-11 of its magnitude (plus the
+  # subnormal floor).
+  error = np.abs(half.astype(np.float32) - full)
+  assert np.all(error <= np.abs(full) * 2.0**-11 + 2.0**-24), error.max()
+  # The students differ by that rounding only: same accuracy to a test image or two.
+  assert abs(rows['float16'][1].test_accuracy - rows['float32'][1].test_accuracy) <= 2 / 359
+
+
+def test_per_replica_teachers_stream_from_one_file_each_replica_its_own(tmp_path):
+  # replica 'matching': student replica r learns from teacher replica r; the file is [R, N, C].
+  results = {}
+  for pipeline in ('device', 'stream'):
+    config = pipeline_config(pipeline)
+    config.train.epochs, config.num_replicas = 1, 2
+    config.teacher_source.replica = 'matching'
+    results[pipeline] = experiment.run(config, str(tmp_path / pipeline))
+  assert np.load(logits_file(tmp_path / 'stream')).shape[0] == 2
+  _, device = final_arrays(tmp_path / 'device', 'student')
+  _, streamed = final_arrays(tmp_path / 'stream', 'student')
+  for a, b in zip(device, streamed):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -59,6 +59,11 @@ def get_config():
   config.data.augment.enabled = False  # flips and 4-pixel crops would destroy 8×8 digits.
   config.data.augment.crop_padding = 4
   config.data.augment.flip = True
+  # 'pad_crop_flip' (the two above: CIFAR's pad-and-crop) or 'random_resized_crop' (ImageNet's:
+  # torchvision's RandomResizedCrop(size) + flip, on device), whose output side is `size` (0: the
+  # images' own size; the test images are evaluated as stored, so store them at that size).
+  config.data.augment.kind = 'pad_crop_flip'
+  config.data.augment.size = 0
 
   config.train = ml_collections.ConfigDict()
   config.train.epochs = 12

@@ -19,9 +19,8 @@ each one reads only the rows its own devices hold (`parallel.process_rows`).
 import json
 import os
 import sys
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, Sequence, Tuple
 
-import jax
 import numpy as np
 
 from kdjax import parallel
@@ -49,28 +48,33 @@ def split_bytes(dataset) -> int:
 
 
 def training_batches(data: train.HostData, order: Callable[[int], np.ndarray], start_step: int,
-                     total_steps: int, mesh, threads: int = 4,
-                     prefetch: int = 4) -> Iterator[Tuple[train.StreamedBatch, jax.Array]]:
-  """`(batch, indices)` for the steps `start_step … total_steps − 1`.
+                     total_steps: int, mesh, tables: Sequence[Tuple[np.ndarray, bool]] = (),
+                     threads: int = 4, prefetch: int = 4) -> Iterator[tuple]:
+  """`(batch, indices, table_rows)` for the steps `start_step … total_steps − 1`.
 
   grain's threads read `prefetch` batches ahead of the step (this process's rows only) from the
-  host arrays; the batch then becomes a global array split over the mesh's `data` axis, as the
-  indices do (`parallel.global_batch`).
+  host arrays, and the same rows of each teacher-logit table in `tables` (`(table, per_replica)`:
+  `[N, C]`, or `[R, N, C]`, memory-mapped files of `teachers.disk_cache`); each then becomes a
+  global array split over the mesh's `data` axis, as the indices do (`parallel.global_batch`).
   """
   import grain  # imported here: only the streaming path needs it.
 
   def read(step: int):  # on a grain thread.
     indices = order(step)
     rows = parallel.process_rows(indices, mesh)
-    return indices, np.asarray(data.images[rows]), np.asarray(data.labels[rows])
+    logits = [np.asarray(t[:, rows] if per_replica else t[rows]) for t, per_replica in tables]
+    return indices, np.asarray(data.images[rows]), np.asarray(data.labels[rows]), logits
 
   steps = grain.MapDataset.range(start_step, total_steps).map(read)
   loader = steps.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                    prefetch_buffer_size=prefetch))
-  for indices, images, labels in loader:
-    yield (train.StreamedBatch(parallel.global_rows(images, mesh, len(indices)),
-                               parallel.global_rows(labels, mesh, len(indices))),
-           parallel.global_batch(indices, mesh))
+  for indices, images, labels, logits in loader:
+    size = len(indices)
+    yield (train.StreamedBatch(parallel.global_rows(images, mesh, size),
+                               parallel.global_rows(labels, mesh, size)),
+           parallel.global_batch(indices, mesh),
+           [parallel.global_rows(l, mesh, size, axis=1 if per_replica else 0)
+            for l, (_, per_replica) in zip(logits, tables)])
 
 
 def write_npy_folder(dataset, folder: str) -> None:
