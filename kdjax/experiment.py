@@ -59,6 +59,8 @@ class StageResult:
   compile_s: float
   images_per_s: float
   skipped_steps: int = 0  # steps dropped for a non-finite loss (nan_policy 'skip').
+  # More than `train.TOP5_MIN_CLASSES` classes: top-5 test accuracy (a replica mean).
+  test_top5_accuracy: Optional[float] = None
   # Multi-exit models only: per-exit test accuracy, the exits' ensemble, and MACs per exit.
   exits: Optional[dict] = None
   # num_replicas > 1: the accuracy and loss above are means over the replicas; this holds their
@@ -383,6 +385,8 @@ def stage_result(plan: planning.StagePlan, history: List[dict], state, wall_s: f
       teacher_fingerprints=(provenance or {}).get('teachers') or None,
       data_fingerprint=(provenance or {}).get('data'),
       settings_fingerprint=(provenance or {}).get('settings'))
+  if 'test_top5_accuracy' in last:
+    result.test_top5_accuracy = mean('test_top5_accuracy')
   if 'val_accuracy' in last:
     result.val_accuracy = mean('val_accuracy')
     result.selected_epoch, result.selected_test_accuracy = _select_on_validation(history)

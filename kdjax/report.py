@@ -87,14 +87,18 @@ def markdown_table(rows: List[dict], baseline: str = '') -> str:
   al.'s measures of the secondary information a model passes on when it teaches. Stages trained
   as N replicas show accuracy as mean ± sample standard deviation, the other columns as means.
   With a validation split, the validation accuracy and the test accuracy at the epoch of best
-  validation accuracy are added (each replica selects its own epoch). With a `baseline` stage
+  validation accuracy are added (each replica selects its own epoch). With more than
+  `train.TOP5_MIN_CLASSES` classes the top-5 test accuracy follows the test accuracy. With a
+  `baseline` stage
   trained as replicas, a column gives each stage on the same seeds its paired difference from it
   (`paired_cell`, test accuracy in points).
   """
   validated = any(row.get('val_accuracy') is not None for row in rows)
   comparisons = paired_vs_baseline(rows, baseline) if baseline else {}
   header = [label for label, _ in TABLE_COLUMNS]
-  extra = ([f'vs {baseline} (points, 95 % CI)'] if comparisons else []) + (
+  top5 = any(row.get('test_top5_accuracy') is not None for row in rows)
+  extra = (['top-5 accuracy (%)'] if top5 else []) + (
+      [f'vs {baseline} (points, 95 % CI)'] if comparisons else []) + (
       ['val accuracy (%)', 'test @ best val epoch (%)'] if validated else [])
   header[5:5] = extra  # after the test accuracy: the paired and validation-selected views.
   # nan_policy 'skip' dropped steps somewhere: how many, per stage (all replicas together).
@@ -108,6 +112,9 @@ def markdown_table(rows: List[dict], baseline: str = '') -> str:
             _accuracy_cell(row), f"{row['test_nontrue_mass']:.4f}",
             f"{row['test_entropy']:.4f}", f"{row['params']:,}", f"{row['wall_s']:.1f}"]
     extra = []
+    if top5:
+      value = row.get('test_top5_accuracy')
+      extra.append('—' if value is None else f'{100 * value:.2f}')
     if comparisons:
       extra.append('baseline' if row['name'] == baseline else
                    paired_cell(comparisons[row['name']]) if row['name'] in comparisons else '—')

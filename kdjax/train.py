@@ -367,12 +367,19 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+TOP5_MIN_CLASSES = 10  # top-5 accuracy is reported above this many classes (not for 10).
+
+
 def make_eval_step(normalization: Normalization, *, num_replicas: Optional[int] = None,
                    mesh: Optional[jax.sharding.Mesh] = None, streamed: bool = False) -> Callable:
   """Jitted `(state, data, indices, mask) → sums over a batch` of the loss, correct predictions,
   the probability mass on non-true classes, and the prediction entropy (nats).
 
   The last two are Yang et al.'s view of the "secondary information" a teacher passes on.
+  With more than `TOP5_MIN_CLASSES` classes (CIFAR-100, ImageNet) `top5_correct` is added: the
+  true class is among the five highest logits, counted as fewer than five classes scoring
+  strictly higher (a tie at the fifth place counts as correct; `torch.topk` would break it by
+  position).
   For a multi-exit model these describe the deepest exit, and `exit_correct` `[E]` and
   `ensemble_correct` (the average of the exits' probabilities) are added.
   `mask` marks the real rows of a padded last batch, so every batch has one shape. With
@@ -394,6 +401,9 @@ def make_eval_step(normalization: Normalization, *, num_replicas: Optional[int] 
       extra['ensemble_correct'] = total(jnp.argmax(ensemble, -1) == labels)
     per_example = losses.cross_entropy(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels)
+    if logits.shape[-1] > TOP5_MIN_CLASSES:
+      true_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+      extra['top5_correct'] = total(jnp.sum(logits > true_logit, axis=-1) < 5)
     nontrue = 1.0 - jnp.exp(-per_example)  # CE = −log p_true.
     log_probs = jax.nn.log_softmax(logits)
     entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
@@ -423,6 +433,8 @@ def evaluate(eval_step: Callable, state: TrainState, test_data: DeviceData,
   mean = lambda name: (totals[name] / count).tolist()
   results = {'test_loss': mean('loss'), 'test_accuracy': mean('correct'),
              'test_nontrue_mass': mean('nontrue_mass'), 'test_entropy': mean('entropy')}
+  if 'top5_correct' in totals:
+    results['test_top5_accuracy'] = mean('top5_correct')
   if 'exit_correct' in totals:
     results['test_accuracy_exits'] = mean('exit_correct')
     results['test_accuracy_ensemble'] = mean('ensemble_correct')

@@ -67,3 +67,14 @@ def test_no_baseline_or_an_unpaired_one_gives_no_paired_column():
   rows = [_row('teacher', [0.99]), _row('nokd', [0.90, 0.91, 0.92])]
   assert 'vs ' not in report.markdown_table(rows)
   assert report.markdown_table(rows, 'teacher') == report.markdown_table(rows)  # trained once.
+
+
+def test_top5_column_follows_the_test_accuracy_only_where_some_stage_has_it():
+  with_top5 = dict(_row('student', [0.7]), test_top5_accuracy=0.9123)
+  without = _row('teacher', [0.8])
+  table = report.markdown_table([without, with_top5]).splitlines()
+  assert [c.strip() for c in table[0].split('|')[5:7]] == ['test accuracy (%)',
+                                                          'top-5 accuracy (%)']
+  assert [c.strip() for c in table[2].split('|')[5:7]] == ['80.00', '—']
+  assert [c.strip() for c in table[3].split('|')[5:7]] == ['70.00', '91.23']
+  assert 'top-5' not in report.markdown_table([without])

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from experiments.configs import takd_default
@@ -172,6 +173,32 @@ def test_evaluate_matches_numpy_over_a_padded_last_batch():
   np.testing.assert_allclose(got['test_nontrue_mass'], 1 - probs[np.arange(16), labels].mean(),
                              rtol=1e-5)
   np.testing.assert_allclose(got['test_entropy'], -(probs * log_probs).sum(-1).mean(), rtol=1e-5)
+
+
+def test_top5_accuracy_above_ten_classes_matches_numpy():
+  # 20 classes: the true class among the five highest logits (numpy's argsort as reference);
+  # 10 classes (CIFAR-10, digits): no top-5 at all.
+  rng = np.random.default_rng(3)
+  images = rng.integers(0, 256, (37, 8, 8, 1), dtype=np.uint8)
+  labels = rng.integers(0, 20, 37).astype(np.int32)
+  norm = train.Normalization(jnp.full((1,), 0.5), jnp.full((1,), 0.25))
+  data = train.DeviceData(jnp.asarray(images), jnp.asarray(labels))
+  for classes in (20, 10):
+    model = models.get_model('plain_cnn_2', classes)
+    state = train.create_train_state(model, models.init_variables(model, (8, 8, 1),
+                                                                  jax.random.key(4)),
+                                     optax.sgd(0.1))
+    got = train.evaluate(train.make_eval_step(norm), state, data, batch_size=8)  # 37 = 4·8 + 5.
+    if classes == 10:
+      assert 'test_top5_accuracy' not in got
+      continue
+    logits = np.asarray(state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                                       (images / 255.0 - 0.5) / 0.25, train=False))
+    top5 = np.argsort(-logits, axis=-1)[:, :5]
+    expected = np.mean([label in row for label, row in zip(labels, top5)])
+    assert 0 < expected < 1  # the check can tell right from wrong.
+    np.testing.assert_allclose(got['test_top5_accuracy'], expected)
+    assert got['test_top5_accuracy'] >= got['test_accuracy']
 
 
 def test_train_step_composes_inside_a_users_own_jit():
