@@ -6,7 +6,9 @@ blocks and `stages`:
   seed, data, train, model      as in flax's examples (`train` is every stage's default)
   losses.<loss name>            that loss's settings, shared by every stage that uses it
   teacher_source                how teachers run: `replica` ('first' | 'matching'),
-                                `cache_logits` (bool), `dtype` ('float32' | 'bfloat16')
+                                `cache_logits` (bool), `dtype` ('float32' | 'bfloat16'),
+                                `cache_dtype` ('float32' | 'float16', a file's logits),
+                                `cache_top_k` (0, or the k largest logits kept in a file)
   num_replicas                  students trained at once per stage (a stage may set its own)
   stages.<name>                 model, loss, loss_kw, teacher | teachers, num_replicas, train,
                                 teacher_source (the last three override the global blocks)
@@ -38,7 +40,7 @@ STAGE_KEYS = ('model', 'loss', 'loss_kw', 'teacher', 'teachers', 'num_replicas',
               'teacher_source')
 EXTERNAL_TEACHER_KEYS = ('path', 'model', 'layout')
 TEACHER_SOURCE_DEFAULTS = {'replica': 'first', 'cache_logits': True, 'dtype': 'float32',
-                           'cache_dtype': 'float32'}
+                           'cache_dtype': 'float32', 'cache_top_k': 0}
 # Settings that change how a run is shown or guarded, not what it computes: left out of
 # config.json, so changing one (to resume past a skipped-step failure, say) is the same run.
 # (A dotted key names a setting inside a block: how the data reaches the device changes the
@@ -48,7 +50,7 @@ RUNTIME_ONLY_KEYS = ('progress_bar', 'compilation_cache_dir', 'max_skipped_fract
 # Settings added since runs were first recorded, at the value that means "as before": a record
 # without them is the same experiment.
 NEUTRAL_DEFAULTS = {'data.npy_dir': '', 'data.augment.kind': 'pad_crop_flip',
-                    'data.augment.size': 0}
+                    'data.augment.size': 0, 'data.augment.draw': 'per_batch'}
 
 
 def without_runtime_only(settings: dict) -> dict:

@@ -337,7 +337,7 @@ def compile_steps(plan: planning.StagePlan, state, teacher, train_data, normaliz
   train_step = train.make_train_step(
       plan.model, plan.loss, plan.augment, normalization, skip_nonfinite=t.skip_nonfinite,
       num_replicas=plan.replica_axis, mesh=mesh, replica_batching=plan.replica_batching,
-      streamed=streamed)
+      streamed=streamed, views=plan.views)
   eval_step = train.make_eval_step(normalization, num_replicas=plan.replica_axis, mesh=mesh,
                                    streamed=streamed)
   if streamed:  # the shapes of a streamed batch (as `kdjax.data.stream` makes them).
@@ -431,12 +431,17 @@ def training_inputs(plan, train_data, teacher, start_step: int, mesh):
   (`teachers.DiskCachedTeacher`) if it has one."""
   order = batch_order(plan, train_data.labels.shape[0])
   if isinstance(train_data, train.HostData):
-    tables = [(t.table(), t.per_replica) for t in teachers.disk_tables(teacher)]
+    tables = [(t.reader(plan.train.steps_per_epoch), t.per_replica)
+              for t in teachers.disk_tables(teacher)]
     for batch, indices, rows in stream.training_batches(
         train_data, order, start_step, plan.train.total_steps, mesh, tables):
       yield teachers.with_rows(teacher, rows), batch, indices
     return
+  epoch = None
   for step in range(start_step, plan.train.total_steps):
+    if step // plan.train.steps_per_epoch != epoch:  # a views table looks at the epoch's views.
+      epoch = step // plan.train.steps_per_epoch
+      teacher = teachers.at_epoch(teacher, epoch, mesh)
     yield teacher, train_data, parallel.global_batch(order(step), mesh)
 
 

@@ -101,10 +101,16 @@ class ExternalTeacher:
 class TeacherSourcePlan:
   teachers: Tuple[TeacherPlan, ...] = ()
   ensemble: bool = False      # the loss learns from several teachers: logits on a [K] axis.
-  cache_logits: bool = False  # computed once per stage (only without augmentation).
+  # Computed once: without augmentation per stage (on device, or in a file when streamed); with
+  # per-example views (`cache_views`) once per epoch's views, in a file every stage shares.
+  cache_logits: bool = False
+  cache_views: bool = False
   per_replica: bool = False
   # A streamed training set's cached logits go to a file (`teachers.disk_cache`), in this dtype.
   cache_dtype: str = 'float32'
+  # > 0: the file keeps each example's k largest logits and the rest's log-sum-exp
+  # (`teachers.compress_top_k`); 0: all of them.
+  cache_top_k: int = 0
 
   @property
   def names(self) -> str:
@@ -118,6 +124,7 @@ class Augment:
   flip: bool
   kind: str = 'pad_crop_flip'  # or 'random_resized_crop' (`kdjax.data.augment.KINDS`).
   size: int = 0                # random_resized_crop's output side; 0: the images' own size.
+  draw: str = 'per_batch'      # or 'per_example' (`kdjax.data.augment.ExampleViews`).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +147,13 @@ class StagePlan:
   settings_fingerprint: str = ''  # SHA-256 of the stage's effective settings (provenance).
   batching_note: str = ''         # what 'auto' chose and why, when the user should know.
   max_skipped_fraction: float = 0.01  # nan_policy 'skip': the stage fails above this fraction.
+
+  @property
+  def views(self) -> Optional[augment_lib.ExampleViews]:
+    """Per-example augmented views (`data.augment.draw='per_example'`), or None."""
+    if self.augment.draw != 'per_example' or not train.augments(self.augment):
+      return None
+    return augment_lib.ExampleViews(self.seed, self.train.steps_per_epoch)
 
   @property
   def replica_axis(self) -> Optional[int]:
@@ -433,9 +447,14 @@ def _augment(block, data: DataInfo) -> Augment:
   """`config.data.augment`, checked: its kind, and a random resized crop's size against the
   images (the test split is evaluated as stored, so a model must train at the stored size)."""
   kind, size = block.get('kind', 'pad_crop_flip'), block.get('size', 0)
+  draw = block.get('draw', 'per_batch')
   if kind not in augment_lib.KINDS:
     raise KdjaxError(f"unknown data.augment.kind '{kind}'; choose one of: "
                      f"{', '.join(augment_lib.KINDS)}.")
+  if draw not in augment_lib.DRAWS:
+    raise KdjaxError(f"unknown data.augment.draw '{draw}'; choose one of: "
+                     f"{', '.join(augment_lib.DRAWS)} ('per_example' draws each example's view "
+                     'from (seed, epoch, index), so a teacher\'s logits on it can be cached).')
   if not _is_int(size) or size < 0:
     raise KdjaxError(f'data.augment.size must be an integer >= 0 (0: the images\' size), got '
                      f'{size!r}.')
@@ -447,7 +466,8 @@ def _augment(block, data: DataInfo) -> Augment:
         f'{size}×{size} crops would be tested at {height}×{width}. Store the images at the '
         'training size instead (a TFDS dataset: --config.data.image_size, which stores the test '
         'split as resize-then-center-crop, the ImageNet protocol) and leave data.augment.size 0.')
-  return Augment(bool(block.enabled), int(block.crop_padding), bool(block.flip), kind, int(size))
+  return Augment(bool(block.enabled), int(block.crop_padding), bool(block.flip), kind, int(size),
+                 draw)
 
 
 def _model(config, name, data: DataInfo, where, dtype=jnp.float32,
@@ -542,6 +562,10 @@ def _teacher_source_plan(config, stage, earlier, external, data, augment: Augmen
       (source.cache_dtype in CACHE_DTYPES,
        f"unknown teacher_source.cache_dtype '{source.cache_dtype}'; choose one of: "
        f"{', '.join(CACHE_DTYPES)}"),
+      (_is_int(source.cache_top_k) and 0 <= source.cache_top_k < data.num_classes,
+       f'teacher_source.cache_top_k must be an integer in [0, {data.num_classes}) (0: keep every '
+       f'logit; k: the k largest of the {data.num_classes} classes), got '
+       f'{source.cache_top_k!r}'),
   ]
   for ok, message in checks:
     if not ok:
@@ -553,6 +577,7 @@ def _teacher_source_plan(config, stage, earlier, external, data, augment: Augmen
       raise KdjaxError(f'{where}: teacher weights must be numbers > 0, got '
                        f'{dict(stage.teachers)}.')
   per_replica = source.replica == 'matching'
+  views = train.augments(augment)  # the teacher sees augmented views.
   teachers = []
   for name, weight in stage.teachers.items():
     if name in external:
@@ -571,8 +596,10 @@ def _teacher_source_plan(config, stage, earlier, external, data, augment: Augmen
     teachers.append(TeacherPlan(name, float(weight), model, theirs, per_replica))
   return TeacherSourcePlan(
       teachers=tuple(teachers), ensemble=stage_losses.LOSSES[stage.loss].several_teachers,
-      cache_logits=source.cache_logits and not train.augments(augment), per_replica=per_replica,
-      cache_dtype=source.cache_dtype)
+      cache_logits=source.cache_logits and (not views or augment.draw == 'per_example'),
+      cache_views=source.cache_logits and views and augment.draw == 'per_example',
+      per_replica=per_replica, cache_dtype=source.cache_dtype,
+      cache_top_k=int(source.cache_top_k))
 
 
 def _external_teacher_plan(config, teacher: ExternalTeacher, weight, per_replica, data, dtype,

@@ -172,7 +172,8 @@ def make_train_step(student: nn.Module, loss: Callable,
                     skip_nonfinite: bool = False, num_replicas: Optional[int] = None,
                     mesh: Optional[jax.sharding.Mesh] = None,
                     compiler_options: Optional[dict] = None,
-                    replica_batching: str = 'auto', streamed: bool = False) -> Callable:
+                    replica_batching: str = 'auto', streamed: bool = False,
+                    views: Optional[kd_data.augment.ExampleViews] = None) -> Callable:
   """Builds the jitted train step `(state, teacher, train_data, batch_indices, key)`.
 
   `train_data` is the device-resident training split (`DeviceData`), from which the step
@@ -201,6 +202,8 @@ def make_train_step(student: nn.Module, loss: Callable,
       the compile time), each at single-student speed: XLA's CPU grouped convolutions are slow
       (8 ResNet-8 students: 263 images/s vmapped, 555 unrolled; `experiments/bench`). `'auto'`:
       `'unroll'` on CPU, `'vmap'` elsewhere. Both give the same students.
+    views: with augmentation, each example's view drawn from (views' seed, epoch, its index)
+      (`data.augment.draw='per_example'`) instead of the batch's from (key, step).
 
   The step's `teacher` argument is a teacher source (`kdjax.teachers`): `teacher.logits(images,
   batch_indices)` gives the logits the loss learns from (None, one teacher's, several stacked,
@@ -209,6 +212,7 @@ def make_train_step(student: nn.Module, loss: Callable,
   """
   augment = augments(augment_config)
   augment_images = kd_data.augment.augmenter(augment_config)  # by kind: crop+flip, or RRC+flip.
+  augment_examples = kd_data.augment.per_example(augment_images)
   if replica_batching not in REPLICA_BATCHING:
     raise KdjaxError(f"unknown replica_batching '{replica_batching}'; choose one of: "
                      f"{', '.join(REPLICA_BATCHING)}.")
@@ -233,7 +237,9 @@ def make_train_step(student: nn.Module, loss: Callable,
     step_keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, step)))(keys)
     augment_key, noise_keys = step_keys[0, 0], step_keys[:, 1]
     images, labels = (shard_batch(x) for x in batch_rows(train_data, batch_indices))
-    if augment:
+    if augment and views is not None:
+      images = augment_examples(views.keys(views.epoch(step), batch_indices), images)
+    elif augment:
       images = augment_images(augment_key, images)
     images = kd_data.normalize(images, normalization.mean, normalization.std)
     teacher_logits = teacher.logits(images, batch_indices)
@@ -305,20 +311,28 @@ def final_logits(outputs) -> jax.Array:
 
 def make_teacher_logits_fn(teacher: nn.Module, normalization: Normalization,
                            mesh: Optional[jax.sharding.Mesh] = None,
-                           streamed: bool = False) -> Callable:
+                           streamed: bool = False, augment_config=None,
+                           views: Optional[kd_data.augment.ExampleViews] = None) -> Callable:
   """Jitted `(teacher_variables, data, indices) → [B, C]` float32 inference-mode logits;
-  `streamed`: `data` is the batch itself (a `StreamedBatch`), not a device-resident split."""
+  `streamed`: `data` is the batch itself (a `StreamedBatch`), not a device-resident split.
 
-  def teacher_logits(teacher_variables, data: DeviceData, indices):
-    images = kd_data.normalize(batch_rows(data, indices)[0], normalization.mean,
-                               normalization.std)
+  With `views` (and the `augment_config` they augment with): `(teacher_variables, data, indices,
+  epoch)`, the logits on each example's view in `epoch`, as the train step draws it."""
+  augment_examples = (kd_data.augment.per_example(kd_data.augment.augmenter(augment_config))
+                      if views is not None else None)
+
+  def teacher_logits(teacher_variables, data: DeviceData, indices, epoch=None):
+    images = batch_rows(data, indices)[0]
+    if views is not None:
+      images = augment_examples(views.keys(epoch, indices), images)
+    images = kd_data.normalize(images, normalization.mean, normalization.std)
     return teacher.apply(teacher_variables, images, train=False).astype(jnp.float32)
 
   if mesh is None:
     return jit(teacher_logits)
   whole, rows = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  return jit(teacher_logits, in_shardings=(whole, rows if streamed else whole, rows),
-             out_shardings=rows)
+  shardings = (whole, rows if streamed else whole, rows) + ((whole,) if views else ())
+  return jit(teacher_logits, in_shardings=shardings, out_shardings=rows)
 
 
 def teacher_logits_table(teacher: nn.Module, teacher_variables, data: DeviceData,

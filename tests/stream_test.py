@@ -191,3 +191,46 @@ def test_per_replica_teachers_stream_from_one_file_each_replica_its_own(tmp_path
   _, streamed = final_arrays(tmp_path / 'stream', 'student')
   for a, b in zip(device, streamed):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_image_folder_converts_to_npy_files_at_the_given_size(tmp_path):
+  # torchvision's ImageFolder layout: classes in sorted order, files in sorted order; an image
+  # already 8×8 is stored as it is, others as torchvision's Resize(shorter side) + CenterCrop
+  # (PIL bilinear; the test split resized to 8 / 0.875 first), written out here with PIL.
+  from PIL import Image
+  rng = np.random.default_rng(2)
+  folder = tmp_path / 'pets'
+  made = {}
+  for split, sizes in (('train', [(8, 8), (10, 12), (8, 8)]), ('val', [(12, 10), (8, 8)])):
+    for c, name in enumerate(['dog', 'cat']):  # 'cat' sorts first: label 0.
+      (folder / split / name).mkdir(parents=True)
+      for i, (h, w) in enumerate(sizes[c::2] if split == 'val' else sizes):
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / split / name / f'{i}.png')
+        made[split, name, i] = pixels
+  (folder / 'train' / 'notes.txt').write_text('not an image class')
+  out = tmp_path / 'npy'
+  command = [*cli_command(tmp_path, TINY)[:1], '-m', 'kdjax.data.stream', str(folder), str(out)]
+  refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+  assert refused.returncode == 2 and '--size=32' in refused.stderr
+  done = subprocess.run([*command, '--size=8'], cwd=REPO, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr
+  arrays = stream.open_npy_folder(str(out))
+
+  def reference(pixels, short):
+    h, w = pixels.shape[:2]
+    new_h, new_w = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+    resized = np.asarray(Image.fromarray(pixels).resize((new_w, new_h), Image.BILINEAR))
+    top, left = int(round((new_h - 8) / 2.0)), int(round((new_w - 8) / 2.0))
+    return resized[top:top + 8, left:left + 8]
+
+  assert arrays['x_train'].shape == (6, 8, 8, 3) and arrays['x_test'].shape == (2, 8, 8, 3)
+  np.testing.assert_array_equal(arrays['y_train'], [0, 0, 0, 1, 1, 1])
+  np.testing.assert_array_equal(arrays['y_test'], [0, 1])
+  np.testing.assert_array_equal(arrays['x_train'][0], made['train', 'cat', 0])
+  np.testing.assert_array_equal(arrays['x_train'][1], reference(made['train', 'cat', 1], 8))
+  np.testing.assert_array_equal(arrays['x_test'][0], made['val', 'cat', 0])
+  np.testing.assert_array_equal(arrays['x_test'][1], reference(made['val', 'dog', 0], 9))
+  (folder / 'val' / 'bird').mkdir()
+  stray = subprocess.run([*command, '--size=8'], cwd=REPO, capture_output=True, text=True)
+  assert stray.returncode == 2 and 'bird' in stray.stderr

@@ -64,6 +64,11 @@ def get_config():
   # images' own size; the test images are evaluated as stored, so store them at that size).
   config.data.augment.kind = 'pad_crop_flip'
   config.data.augment.size = 0
+  # 'per_batch': each step's batch augmented from the stage's key and the step. 'per_example':
+  # example i's view in epoch e drawn from (seed, e, i) alone, the same in every stage, so a
+  # cached teacher (teacher_source.cache_logits) computes its logits on each epoch's views once,
+  # in WORKDIR/teacher_logits/, for every stage that learns from it (FKD, Shen & Xing 2022).
+  config.data.augment.draw = 'per_batch'
 
   config.train = ml_collections.ConfigDict()
   config.train.epochs = 12
@@ -115,7 +120,9 @@ def get_config():
   # How teachers run. replica: with replicas, 'first' (every student learns from the teacher
   # stage's replica 0, one shared forward) or 'matching' (student replica r from teacher replica
   # r: independent lineages). cache_logits: with augmentation off (TAKD trains without it, so the
-  # teacher's logits never change) they are computed once per stage and cached on device.
+  # teacher's logits never change) they are computed once per stage and cached on device; with
+  # augmentation drawn per example (data.augment.draw), once per epoch's views, on disk, shared
+  # by every stage; with per-batch augmentation the teacher runs on each batch.
   # dtype: 'float32' or 'bfloat16' (the teacher's forward pass in bf16).
   config.teacher_source = ml_collections.ConfigDict()
   config.teacher_source.replica = 'first'

@@ -1,5 +1,7 @@
 """Normalisation and augmentation, run on device inside the jitted train step."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -205,3 +207,40 @@ def augmenter(augment_config):
     return lambda key, images: random_resized_crop_and_flip(
         key, images, size=size or images.shape[1:3], flip=flip)
   raise KdjaxError(f"unknown data.augment.kind '{kind}'; choose one of: {', '.join(KINDS)}.")
+
+
+# How a training batch's augmentation is drawn (`config.data.augment.draw`).
+DRAWS = ('per_batch', 'per_example')
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleViews:
+  """`data.augment.draw='per_example'`: example i's augmented view in epoch e is drawn from the
+  key `fold_in(fold_in(key(seed), e), i)`, a function of (seed, epoch, example index) alone.
+
+  The same in every stage of a run, whatever its batch order or batch size, so a teacher's
+  logits on those views are the same for every stage and replica that learns from it and can be
+  computed once (FKD's idea: Shen & Xing, ECCV 2022; `kdjax.teachers.disk_cache` with views).
+  With 'per_batch' (the default, and what a stage did before) a step's batch is augmented from
+  the stage's own key and the step, so its views depend on which examples share the batch.
+  """
+  seed: int
+  steps_per_epoch: int
+
+  def epoch(self, step):
+    return step // self.steps_per_epoch
+
+  def keys(self, epoch, indices) -> jax.Array:
+    """`[B]` keys: the views of examples `indices` (`[B]` int) in `epoch`."""
+    base = jax.random.fold_in(jax.random.key(self.seed), VIEWS_SALT)
+    epoch_key = jax.random.fold_in(base, epoch)
+    return jax.vmap(lambda i: jax.random.fold_in(epoch_key, i))(indices)
+
+
+VIEWS_SALT = 0x76696577  # 'view': keeps the views' keys apart from the stages' own draws.
+
+
+def per_example(augment):
+  """`(keys [B], images [B, ...]) → images`: `augment` (`(key, images) → images`, as
+  `augmenter` gives) applied to each image alone with its own key."""
+  return lambda keys, images: jax.vmap(lambda k, x: augment(k, x[None])[0])(keys, images)

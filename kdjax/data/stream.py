@@ -48,21 +48,22 @@ def split_bytes(dataset) -> int:
 
 
 def training_batches(data: train.HostData, order: Callable[[int], np.ndarray], start_step: int,
-                     total_steps: int, mesh, tables: Sequence[Tuple[np.ndarray, bool]] = (),
+                     total_steps: int, mesh, tables: Sequence[Tuple[Callable, bool]] = (),
                      threads: int = 4, prefetch: int = 4) -> Iterator[tuple]:
   """`(batch, indices, table_rows)` for the steps `start_step … total_steps − 1`.
 
   grain's threads read `prefetch` batches ahead of the step (this process's rows only) from the
-  host arrays, and the same rows of each teacher-logit table in `tables` (`(table, per_replica)`:
-  `[N, C]`, or `[R, N, C]`, memory-mapped files of `teachers.disk_cache`); each then becomes a
-  global array split over the mesh's `data` axis, as the indices do (`parallel.global_batch`).
+  host arrays, and the same rows of each teacher-logit table in `tables` (`(read, per_replica)`,
+  `read(step, rows)` giving `[B, C]`, or `[R, B, C]`: `teachers.DiskCachedTeacher.reader` of a
+  memory-mapped file of `teachers.disk_cache`); each then becomes a global array split over the
+  mesh's `data` axis, as the indices do (`parallel.global_batch`).
   """
   import grain  # imported here: only the streaming path needs it.
 
   def read(step: int):  # on a grain thread.
     indices = order(step)
     rows = parallel.process_rows(indices, mesh)
-    logits = [np.asarray(t[:, rows] if per_replica else t[rows]) for t, per_replica in tables]
+    logits = [np.asarray(read_rows(step, rows)) for read_rows, _ in tables]
     return indices, np.asarray(data.images[rows]), np.asarray(data.labels[rows]), logits
 
   steps = grain.MapDataset.range(start_step, total_steps).map(read)
@@ -97,19 +98,97 @@ def open_npy_folder(folder: str) -> dict:
   return {s: np.load(os.path.join(folder, f'{s}.npy'), mmap_mode='r') for s in SPLITS}
 
 
-def main(argv) -> None:
-  """`python -m kdjax.data.stream IN.npz OUT_FOLDER`: an `.npz` in kdjax's layout as `.npy`
-  files to stream from (`--config.data.npy_dir=OUT_FOLDER --config.data.pipeline=stream`)."""
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+# A folder's test split, by the names torchvision and Kaggle-style layouts give it.
+TEST_FOLDER_NAMES = ('test', 'val', 'validation')
+
+
+def write_image_folder(folder: str, out: str, size: int, log=print) -> None:
+  """An image folder in torchvision's `ImageFolder` layout (`folder/train/<class>/<image>` and
+  `folder/test/<class>/<image>`, the test split also named `val` or `validation`) as the `.npy`
+  files `open_npy_folder` memory-maps, each image decoded once (PIL, as RGB) and stored at
+  `size × size`: training images with their shorter side resized to `size` and the central
+  square kept, test images resized to `size / 0.875` first (ImageNet's resize-256-crop-224;
+  `sources.fit_image`). Classes are the training split's sub-folders in sorted order (label 0
+  the first). Written one image at a time into memory-mapped files under temporary names,
+  renamed when whole, so a dataset larger than memory converts and a killed conversion leaves
+  no partial split.
+  """
+  from PIL import Image
   from kdjax.data import sources
-  if len(argv) != 3:
+  splits = {'train': os.path.join(folder, 'train')}
+  tests = [os.path.join(folder, n) for n in TEST_FOLDER_NAMES
+           if os.path.isdir(os.path.join(folder, n))]
+  if not os.path.isdir(splits['train']) or not tests:
+    raise KdjaxError(f"'{folder}' is not an image folder in torchvision's layout: it needs "
+                     f"train/<class>/<images> and one of {', '.join(TEST_FOLDER_NAMES)}"
+                     '/<class>/<images> (found: '
+                     f"{', '.join(sorted(os.listdir(folder))) or 'nothing'}).")
+  splits['test'] = tests[0]
+  classes = sorted(d for d in os.listdir(splits['train'])
+                   if os.path.isdir(os.path.join(splits['train'], d)))
+  if not classes:
+    raise KdjaxError(f"'{splits['train']}' has no class folders (train/<class>/<images>).")
+  os.makedirs(out, exist_ok=True)
+  for split, root in splits.items():
+    files = []
+    for label, name in enumerate(classes):
+      directory = os.path.join(root, name)
+      found = sorted(f for f in os.listdir(directory) if f.lower().endswith(IMAGE_SUFFIXES)) \
+          if os.path.isdir(directory) else []
+      files += [(os.path.join(directory, f), label) for f in found]
+    strays = sorted(set(os.listdir(root)) - set(classes))
+    if strays and split == 'test':
+      raise KdjaxError(f"'{root}' has class folders the training split lacks: "
+                       f"{', '.join(strays[:5])}; every test class must be a training class.")
+    if not files:
+      raise KdjaxError(f"'{root}' holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+    fraction = 1.0 if split == 'train' else sources.TEST_CROP_FRACTION
+    images_path, labels_path = (os.path.join(out, f'{k}_{split}.npy') for k in ('x', 'y'))
+    images = np.lib.format.open_memmap(images_path + '.tmp', mode='w+', dtype=np.uint8,
+                                       shape=(len(files), size, size, 3))
+    for i, (path, _) in enumerate(files):
+      try:
+        with Image.open(path) as image:
+          pixels = np.asarray(image.convert('RGB'))
+      except OSError as e:
+        raise KdjaxError(f"cannot read the image '{path}': {e}. Remove or replace it.") from e
+      images[i] = sources.fit_image(pixels, size, fraction)
+    images.flush()
+    del images
+    np.save(labels_path + '.tmp.npy', np.asarray([l for _, l in files], np.int32))
+    os.replace(images_path + '.tmp', images_path)
+    os.replace(labels_path + '.tmp.npy', labels_path)
+    log(f'{split}: {len(files)} images of {len(classes)} classes from {root}.')
+  with open(os.path.join(out, 'dataset.json'), 'w') as f:
+    json.dump({'name': os.path.basename(os.path.normpath(folder)), 'num_classes': len(classes),
+               'classes': classes}, f)
+
+
+def main(argv) -> None:
+  """`python -m kdjax.data.stream IN OUT_FOLDER [--size=N]`: `.npy` files to stream from
+  (`--config.data.npy_dir=OUT_FOLDER --config.data.pipeline=stream`), made from IN: an `.npz` in
+  kdjax's layout, or an image folder in torchvision's layout (train/<class>/…, test/<class>/…),
+  whose images are stored at N × N (`--size`, required for a folder)."""
+  from kdjax.data import sources
+  sizes = [a for a in argv[1:] if a.startswith('--size=')]
+  paths = [a for a in argv[1:] if not a.startswith('--size=')]
+  if len(paths) != 2 or len(sizes) > 1 or (sizes and not sizes[0][7:].isdigit()):
     print(main.__doc__, file=sys.stderr)
     sys.exit(2)
+  source, out = paths
   try:
-    write_npy_folder(sources.load(npz=argv[1]), argv[2])
+    if os.path.isdir(source):
+      if not sizes or int(sizes[0][7:]) < 1:
+        raise KdjaxError(f"'{source}' is an image folder: give the size its images are stored "
+                         'at, e.g. --size=32 (CIFAR) or --size=224 (ImageNet).')
+      write_image_folder(source, out, int(sizes[0][7:]))
+    else:
+      write_npy_folder(sources.load(npz=source), out)
   except KdjaxError as e:
     print(f'kdjax: error: {e}', file=sys.stderr)
     sys.exit(2)
-  print(f'wrote {", ".join(f"{s}.npy" for s in SPLITS)} to {argv[2]}.')
+  print(f'wrote {", ".join(f"{s}.npy" for s in SPLITS)} to {out}.')
 
 
 if __name__ == '__main__':
