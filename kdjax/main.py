@@ -67,11 +67,13 @@ def main(argv):
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   try:
     experiment.run(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
-    stop_signals.stop_if_signalled('as the run ended')  # a signal is never ignored.
+    stop_signals.ignore_from_now()  # the run is over: later signals have nothing to stop,
+    stop_signals.stop_if_signalled('as the run ended')  # and one before is never ignored.
   except KdjaxError as e:
     print(f'kdjax: error: {e}', file=sys.stderr)
     sys.exit(2)
   except Preempted as e:  # work saved; 128 + the signal (143 SIGTERM, 130 Ctrl-C), as if it ended it.
+    stop_signals.ignore_from_now()  # more signals while exiting must not turn 143 into -15.
     print(f'kdjax: {e}', file=sys.stderr)
     sys.exit(128 + e.signum)
   except KeyboardInterrupt:  # only with --distributed: Ctrl-C keeps Python's default there.

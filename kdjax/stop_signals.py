@@ -61,6 +61,16 @@ def uninstall() -> None:
   _received.clear()
 
 
+def ignore_from_now() -> None:
+  """Stop signals are ignored from here on, process-wide: for the CLI once a run's outcome is
+  decided. While the process exits, Python's finalisation puts the default handlers back, so a
+  SIGTERM then (a second one, say) would kill it with that outcome unreported (status -15
+  instead of 143). A signal recorded before this call still counts (`stop_if_signalled`)."""
+  if threading.current_thread() is threading.main_thread():
+    for signum in _STOP_SIGNALS:
+      signal.signal(signum, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def stop_on_signals():
   """Records stop signals while open (for `kdjax.experiment.run` from Python or a notebook,
