@@ -366,6 +366,8 @@ def main():
         print(f"  {fw}: {runs[f'{fw}_{suffix}']['wall_s']:.0f} s", flush=True)
   flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in DEFAULTS
            if getattr(args, k) != DEFAULTS[k]]
+  flags += [f'--augment={args.augment}'] if args.augment != 'no,yes' else []
+  flags += [f'--frameworks={args.frameworks}'] if args.frameworks != ','.join(FRAMEWORKS) else []
   result = {
       'machine': f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores',
       'versions': f'Python {platform.python_version()}, jax {jax.__version__}, '
