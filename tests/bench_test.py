@@ -62,3 +62,16 @@ def test_committed_streaming_md_is_rendered_from_streaming_json(tmp_path):
   module.write_markdown(tmp_path / 'streaming.md', result)
   with open(os.path.join(BENCH, 'streaming.md')) as f:
     assert f.read() == (tmp_path / 'streaming.md').read_text()
+
+
+def test_committed_workload_md_is_rendered_from_workload_json(tmp_path):
+  spec = importlib.util.spec_from_file_location('workload', os.path.join(BENCH, 'workload.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  with open(os.path.join(BENCH, 'workload.json')) as f:
+    result = json.load(f)
+  # The summary is what the runs say: speed-ups are the wall-time ratios, verdicts the checks.
+  assert result['summary'] == json.loads(json.dumps(module.summarise(result['runs'])))
+  module.write_markdown(tmp_path / 'workload.md', result)
+  with open(os.path.join(BENCH, 'workload.md')) as f:
+    assert f.read() == (tmp_path / 'workload.md').read_text()
