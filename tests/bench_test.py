@@ -9,8 +9,9 @@ from conftest import REPO
 BENCH = os.path.join(REPO, 'experiments', 'bench')
 
 
-def load_bench():
-  spec = importlib.util.spec_from_file_location('bench', os.path.join(BENCH, 'bench.py'))
+def load_bench(name='bench'):
+  """`experiments/bench/<name>.py` as a module (the folder is not a package)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f'{name}.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -29,10 +30,7 @@ def test_committed_results_md_is_rendered_from_results_json(tmp_path):
 
 
 def test_committed_processes_md_is_rendered_from_processes_json(tmp_path):
-  spec = importlib.util.spec_from_file_location('processes',
-                                                os.path.join(BENCH, 'processes.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_bench('processes')
   with open(os.path.join(BENCH, 'processes.json')) as f:
     result = json.load(f)
   assert [(r['processes'], r['devices_per_process']) for r in result['rows']] == [(1, 2), (2, 1)]
@@ -43,10 +41,7 @@ def test_committed_processes_md_is_rendered_from_processes_json(tmp_path):
 
 
 def test_committed_streaming_md_is_rendered_from_streaming_json(tmp_path):
-  spec = importlib.util.spec_from_file_location('streaming',
-                                                os.path.join(BENCH, 'streaming.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_bench('streaming')
   with open(os.path.join(BENCH, 'streaming.json')) as f:
     result = json.load(f)
   assert {'machine', 'versions', 'date', 'kdjax', 'command', 'load_average', 'wall_s',
@@ -65,9 +60,7 @@ def test_committed_streaming_md_is_rendered_from_streaming_json(tmp_path):
 
 
 def test_committed_workload_md_is_rendered_from_workload_json(tmp_path):
-  spec = importlib.util.spec_from_file_location('workload', os.path.join(BENCH, 'workload.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_bench('workload')
   with open(os.path.join(BENCH, 'workload.json')) as f:
     result = json.load(f)
   # The summary is what the runs say: speed-ups are the wall-time ratios, verdicts the checks.
