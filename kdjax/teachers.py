@@ -441,8 +441,8 @@ def fingerprints(stage_plan, workdir: str) -> dict:
 
 def _cached_on_disk(stage_plan, teacher, source, workdir, train_data, normalization, mesh,
                     data_fingerprint: str, teacher_fingerprint: str, log):
-  """`disk_cache` for one teacher of a stage: the un-augmented table of a streamed training set,
-  or (`cache_views`) the table of every epoch's per-example views, on disk when streamed and put
+  """`disk_cache` for one teacher of a stage: the un-augmented table of the training set, or
+  (`cache_views`) the table of every epoch's per-example views; memory-mapped when streamed, put
   on the device otherwise. The name holds what the table depends on, so every stage that
   learns from this teacher on this data (with these views) finds and reuses it."""
   plan, views = stage_plan.teacher, stage_plan.views if stage_plan.teacher.cache_views else None
@@ -471,9 +471,14 @@ def _cached_on_disk(stage_plan, teacher, source, workdir, train_data, normalizat
 def make_source(stage_plan, workdir: str, train_data: train.DeviceData,
                 normalization: train.Normalization, mesh, log=print,
                 data_fingerprint: str = '', fingerprints: Optional[dict] = None):
-  """The teacher source a stage plan asks for: none, live, cached (on device, or in a file for
-  a streamed training set, named by the teacher's and the data's fingerprints), or an ensemble
-  of them."""
+  """The teacher source a stage plan asks for: none, live, cached, or an ensemble of them.
+
+  A cached teacher's table is computed once per teacher, data (and views) and kept in a file
+  of the workdir named by their fingerprints (`_cached_on_disk`): every later stage of the
+  table that learns from the same teacher reads it instead of running the teacher again (TAKD's
+  CIFAR table: the CNN-10 teacher's logits serve its three assistants and the BLKD students),
+  and a resumed stage does not recompute it. The file is put on the device for a
+  device-resident training set and memory-mapped for a streamed one."""
   plan = stage_plan.teacher
   fingerprints = fingerprints or {}
   if not plan.teachers:
@@ -484,15 +489,9 @@ def make_source(stage_plan, workdir: str, train_data: train.DeviceData,
         load_variables(teacher, workdir, stage_plan.image_shape), mesh)
     source = LiveTeacher(variables, teacher.model, per_replica=teacher.per_replica,
                          batching=stage_plan.replica_batching)
-    if plan.cache_logits and (plan.cache_views or plan.cache_top_k or
-                              isinstance(train_data, train.HostData)):
+    if plan.cache_logits:  # in a file, so every stage that learns from this teacher reuses it.
       source = _cached_on_disk(stage_plan, teacher, source, workdir, train_data, normalization,
                                mesh, data_fingerprint, fingerprints.get(teacher.stage, ''), log)
-    elif plan.cache_logits:
-      start = time.perf_counter()
-      source = cache(source, train_data, normalization, stage_plan.train.eval_batch_size, mesh)
-      log(f"[{stage_plan.name}] cached the teacher's logits on {train_data.labels.shape[0]} "
-          f"training images in {time.perf_counter() - start:.1f} s.")
     members.append(source)
   if not plan.ensemble:
     return members[0]
