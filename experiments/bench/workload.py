@@ -10,8 +10,8 @@ same arrays (class-balanced subsets of CIFAR-10's training and test sets, `--tra
 layer), optimiser, loss and epochs:
 
   kdjax            its command and config, as a user runs it: one process; each stage's five
-                   students in one program; teachers' logits cached (with augmentation: on
-                   per-example views, computed once per teacher for all its students).
+                   students in one program; each teacher's logits computed once for all the
+                   stages that learn from it (with augmentation: on per-example views).
   pytorch_official the way the official TAKD code trains (imirzadeh/Teacher-Assistant-
                    Knowledge-Distillation, train.py): one process per stage and seed, the teacher
                    run on every batch in eval mode without `no_grad`, so autograd also goes
@@ -22,7 +22,11 @@ layer), optimiser, loss and epochs:
 
 Each runs without augmentation (the official recipe) and with pad-4 crop + flip. Reported: wall
 time per stage and in total (processes started, imports and compiles included), and each
-stage's final test accuracy (mean ± std over the seeds). The accuracies are checked to agree
+stage's final test accuracy (mean ± std over the seeds). Each framework's compilation caches
+start empty and fill within its run, as on a user's first run of the table: JAX's persistent
+cache (kdjax's default `compilation_cache_dir`, here a fresh folder) and TorchInductor's
+(`TORCHINDUCTOR_CACHE_DIR`, a fresh folder), so a stage whose program an earlier stage compiled
+reuses it in both. The accuracies are checked to agree
 across frameworks within the seed spread (Welch's interval of the difference of the student
 means contains 0, at 95 % jointly over the six student groups: Bonferroni); where they do not,
 the speed comparison is void and says so.
@@ -36,7 +40,14 @@ draws differ between frameworks (each its own RNG), as two implementations' woul
 
 CIFAR-10 offline: `python3 ../shared/data/convert/cifar10_jpegbytes.py decode
 ../shared/data/cifar10_jpegbytes.npz cifar10.npz` (the JPEG-decoded set; see that README).
-Writes workload.json and workload.md beside this file (`--out` elsewhere).
+Writes workload.json and workload.md beside this file (`--out` elsewhere, `--name` another stem).
+
+The newest JAX (Python 3.12, where no PyTorch CPU wheel is at hand here): run this script with
+the 3.12 venv's interpreter and hand the PyTorch stages to a 3.11 one, so the ratios still come
+from one run:
+
+  .venv-py312/bin/python experiments/bench/workload.py --cifar10 cifar10.npz \
+      --torch-python=.venv/bin/python --name=workload_newest_jax
 """
 
 import argparse
@@ -85,10 +96,11 @@ def write_subset(cifar10: str, train_images: int, test_images: int, path: str) -
 
 
 def run_kdjax(data: str, epochs: int, augment: bool, workdir: str) -> dict:
+  """The whole table through kdjax's command, its JAX compilation cache empty at the start."""
   command = [sys.executable, '-m', 'kdjax.main', f'--config={HERE}/workload_config.py',
              f'--workdir={workdir}', f'--config.data.npz={data}',
              f'--config.train.epochs={epochs}', f'--config.data.augment.enabled={augment}',
-             '--config.compilation_cache_dir=', '--config.progress_bar=False']
+             f'--config.compilation_cache_dir={workdir}-xla-cache', '--config.progress_bar=False']
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
   env.pop('XLA_FLAGS', None)
   start = time.perf_counter()
@@ -104,7 +116,9 @@ def run_kdjax(data: str, epochs: int, augment: bool, workdir: str) -> dict:
                   else [row['test_accuracy']])
     stages[row['name']] = {'wall_s': row['wall_s'], 'compile_s': row['compile_s'],
                            'test_accuracy': accuracies}
-  return {'wall_s': wall, 'stages': stages, 'command': ' '.join(command[1:3] + command[4:])}
+  shown = [c for c in command[1:] if not c.startswith(('--workdir', '--config.data.npz',
+                                                       '--config.compilation_cache_dir'))]
+  return {'wall_s': wall, 'stages': stages, 'command': ' '.join(shown)}
 
 
 # ---------------------------------------------------------------- PyTorch
@@ -209,19 +223,22 @@ def pad_crop_flip(x, rng):
   return crops
 
 
-def run_torch(variant: str, data: str, epochs: int, augment: bool, folder: str) -> dict:
-  """Every stage in order, as `variant` trains it: one process per stage and seed (official) or
-  per stage (careful); a stage's teacher is its teacher stage's seed-0 model."""
+def run_torch(variant: str, data: str, epochs: int, augment: bool, folder: str,
+              python: str) -> dict:
+  """Every stage in order, as `variant` trains it with the interpreter `python`: one process per
+  stage and seed (official) or per stage (careful); a stage's teacher is its teacher stage's
+  seed-0 model. TorchInductor's caches start empty, in `folder`."""
   os.makedirs(folder, exist_ok=True)
   models = {name: model for name, model, _ in workload_config.TABLE}
   stages, start = {}, time.perf_counter()
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
+             TORCHINDUCTOR_CACHE_DIR=os.path.join(folder, 'inductor-cache'))
   for name, model, teacher in workload_config.TABLE:
     seeds = list(range(workload_config.SEEDS if model == workload_config.STUDENT_MODEL else 1))
     groups = [[s] for s in seeds] if variant == 'pytorch_official' else [seeds]
     stage_start, rows = time.perf_counter(), []
     for group in groups:
-      command = [sys.executable, os.path.abspath(__file__), '--torch-stage', f'--variant={variant}',
+      command = [python, os.path.abspath(__file__), '--torch-stage', f'--variant={variant}',
                  f'--stage={name}', f'--model={model}', f'--data={data}', f'--epochs={epochs}',
                  f'--out-dir={folder}', '--seeds=' + ','.join(map(str, group))]
       if augment:
@@ -335,6 +352,12 @@ def main():
   parser.add_argument('--frameworks', default=','.join(FRAMEWORKS))
   parser.add_argument('--augment', default='no,yes', help="'no', 'yes' or 'no,yes'")
   parser.add_argument('--out', default=HERE)
+  parser.add_argument('--name', default='workload',
+                      help='file name of the table, without .json/.md (workload_newest_jax for '
+                           'the newest JAX)')
+  parser.add_argument('--torch-python', default=sys.executable,
+                      help='the interpreter that runs the PyTorch stages (default: this one); '
+                           'e.g. a Python 3.11 venv with torch when this one has the newest JAX')
   # One PyTorch stage (run by this script in a process of its own).
   parser.add_argument('--torch-stage', action='store_true', help=argparse.SUPPRESS)
   for flag in ('--variant', '--stage', '--model', '--data', '--out-dir', '--teacher',
@@ -348,8 +371,9 @@ def main():
     return torch_stage(args)
   if not args.cifar10:
     parser.error('--cifar10 is required (a decoded CIFAR-10 .npz; see the docstring).')
-  import torch
   import jax
+  torch_version = subprocess.run([args.torch_python, '-c', 'import torch; print(torch.__version__)'],
+                                 capture_output=True, text=True, check=True).stdout.strip()
   start, load_before = time.perf_counter(), os.getloadavg()[0]
   runs = {}
   with tempfile.TemporaryDirectory() as folder:
@@ -362,26 +386,29 @@ def main():
         print(f'{fw}, augmentation {setting}:', flush=True)
         where = os.path.join(folder, f'{fw}_{suffix}')
         runs[f'{fw}_{suffix}'] = (run_kdjax(data, args.epochs, augment, where) if fw == 'kdjax'
-                                  else run_torch(fw, data, args.epochs, augment, where))
+                                  else run_torch(fw, data, args.epochs, augment, where,
+                                                 args.torch_python))
         print(f"  {fw}: {runs[f'{fw}_{suffix}']['wall_s']:.0f} s", flush=True)
   flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in DEFAULTS
            if getattr(args, k) != DEFAULTS[k]]
   flags += [f'--augment={args.augment}'] if args.augment != 'no,yes' else []
   flags += [f'--frameworks={args.frameworks}'] if args.frameworks != ','.join(FRAMEWORKS) else []
+  flags += ['--torch-python=PYTHON_WITH_TORCH'] if args.torch_python != sys.executable else []
+  flags += [f'--name={args.name}'] if args.name != 'workload' else []
   result = {
       'machine': f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores',
       'versions': f'Python {platform.python_version()}, jax {jax.__version__}, '
-                  f'torch {torch.__version__}',
+                  f'torch {torch_version}',
       'date': datetime.date.today().isoformat(),
       'command': ' '.join(['python experiments/bench/workload.py --cifar10 CIFAR10.npz', *flags]),
       'data': (f"CIFAR-10 (decoded from the JPEG set), {sizes['train']} training and "
                f"{sizes['test']} test images, class-balanced"),
       'epochs': args.epochs, 'load': [load_before, os.getloadavg()[0]],
       'wall_s': time.perf_counter() - start, 'runs': runs, 'summary': summarise(runs)}
-  with open(os.path.join(args.out, 'workload.json'), 'w') as f:
+  with open(os.path.join(args.out, args.name + '.json'), 'w') as f:
     json.dump(result, f, indent=1)
-  write_markdown(os.path.join(args.out, 'workload.md'), result)
-  print(open(os.path.join(args.out, 'workload.md')).read())
+  write_markdown(os.path.join(args.out, args.name + '.md'), result)
+  print(open(os.path.join(args.out, args.name + '.md')).read())
 
 
 if __name__ == '__main__':
