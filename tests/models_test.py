@@ -235,3 +235,34 @@ def test_is_multi_exit_on_modules_and_names():
   assert not models.is_multi_exit(models.get_model(USER_MODEL, 10))
   assert models.is_multi_exit('multi_exit_resnet20')
   assert not models.is_multi_exit('resnet20') and not models.is_multi_exit(USER_MODEL)
+
+
+def test_max_pool_2x2_is_the_max_of_each_window_and_drops_an_odd_edge():
+  from kdjax.models.layers import max_pool_2x2
+  import flax.linen as nn
+  x = np.random.default_rng(0).normal(size=(2, 7, 6, 3)).astype(np.float32)
+  expected = np.empty((2, 3, 3, 3), np.float32)
+  for i in range(3):
+    for j in range(3):
+      expected[:, i, j] = x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].max(axis=(1, 2))
+  np.testing.assert_array_equal(max_pool_2x2(jnp.asarray(x)), expected)
+  np.testing.assert_array_equal(max_pool_2x2(jnp.asarray(x)),
+                                nn.max_pool(jnp.asarray(x), (2, 2), strides=(2, 2)))
+
+
+def test_max_pool_2x2_gradient_is_reduce_windows_without_ties_and_split_on_a_tie():
+  from jax.test_util import check_grads
+  from kdjax.models.layers import max_pool_2x2
+  import flax.linen as nn
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 8, 6, 4)), jnp.float64 if jax.config.jax_enable_x64
+                  else jnp.float32)
+  weights = jnp.asarray(rng.normal(size=(2, 4, 3, 4)), x.dtype)
+  ours = jax.grad(lambda x: jnp.sum(weights * max_pool_2x2(x)))(x)
+  reference = jax.grad(lambda x: jnp.sum(weights * nn.max_pool(x, (2, 2), strides=(2, 2))))(x)
+  np.testing.assert_array_equal(ours, reference)  # one maximum per window: the same elements.
+  check_grads(lambda x: jnp.sum(weights * max_pool_2x2(x)), (x,), order=1, modes=['rev'],
+              atol=1e-2, rtol=1e-2, eps=1e-3)
+  tied = jnp.ones((1, 2, 2, 1))  # all four tie: a quarter each (nn.max_pool: all to one).
+  np.testing.assert_allclose(jax.grad(lambda x: max_pool_2x2(x).sum())(tied), 0.25)
+  assert float(jax.grad(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)).sum())(tied).max()) == 1

@@ -1,7 +1,7 @@
 """The plain CNNs of TAKD (Mirzadeh et al., AAAI 2020, Sec. 5.1): 2, 4, 6, 8 and 10 conv layers.
 
-Each conv is Conv3×3 (with bias) + BatchNorm + ReLU; `'M'` is a 2×2 max-pool; the head is one or
-two dense layers (ReLU between them). Widths follow the official repository's
+Each conv is Conv3×3 (with bias) + BatchNorm + ReLU; `'M'` is a 2×2 max-pool (`max_pool_2x2`);
+the head is one or two dense layers (ReLU between them). Widths follow the official repository's
 `plain_cnn_cifar.py` (`plane_cifar10_book` / `plane_cifar100_book`), including its CIFAR-100
 6-layer net that has no third max-pool. The CIFAR-100 widths are used when `num_classes > 10`.
 """
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from kdjax.errors import KdjaxError
 from kdjax.models.conv import conv_class
-from kdjax.models.layers import batch_norm, conv_bn_relu
+from kdjax.models.layers import batch_norm, conv_bn_relu, max_pool_2x2
 
 Layer = Union[int, str]  # an int is a conv width, 'M' a max-pool.
 
@@ -59,7 +59,7 @@ class PlainCNN(nn.Module):
           raise KdjaxError(
               f'{self.name or "plain CNN"}: input too small for its {self.layers.count("M")} '
               'max-pools; use larger images or a shallower plain CNN.')
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
       else:
         x = conv_bn_relu(x, layer, conv, norm)
     x = x.reshape((x.shape[0], -1))
