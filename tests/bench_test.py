@@ -1,8 +1,10 @@
-"""The committed benchmark table is the committed results.json, rendered (no PyTorch needed)."""
+"""The committed benchmark tables are their committed JSON, rendered (no PyTorch needed)."""
 
 import importlib.util
 import json
 import os
+
+import pytest
 
 from conftest import REPO
 
@@ -59,12 +61,23 @@ def test_committed_streaming_md_is_rendered_from_streaming_json(tmp_path):
     assert f.read() == (tmp_path / 'streaming.md').read_text()
 
 
-def test_committed_workload_md_is_rendered_from_workload_json(tmp_path):
+@pytest.mark.parametrize('name', ['workload', 'workload_newest_jax'])
+def test_committed_workload_md_is_rendered_from_workload_json(tmp_path, name):
   module = load_bench('workload')
-  with open(os.path.join(BENCH, 'workload.json')) as f:
+  with open(os.path.join(BENCH, f'{name}.json')) as f:
     result = json.load(f)
   # The summary is what the runs say: speed-ups are the wall-time ratios, verdicts the checks.
   assert result['summary'] == json.loads(json.dumps(module.summarise(result['runs'])))
-  module.write_markdown(tmp_path / 'workload.md', result)
-  with open(os.path.join(BENCH, 'workload.md')) as f:
-    assert f.read() == (tmp_path / 'workload.md').read_text()
+  module.write_markdown(tmp_path / f'{name}.md', result)
+  with open(os.path.join(BENCH, f'{name}.md')) as f:
+    assert f.read() == (tmp_path / f'{name}.md').read_text()
+
+
+def test_committed_programs_md_is_rendered_from_programs_json(tmp_path):
+  module = load_bench('programs')
+  with open(os.path.join(BENCH, 'programs.json')) as f:
+    result = json.load(f)
+  assert {'0.10.2'} <= set(result)  # the lowest supported JAX, and the newest beside it.
+  module.write_markdown(tmp_path / 'programs.md', result)
+  with open(os.path.join(BENCH, 'programs.md')) as f:
+    assert f.read() == (tmp_path / 'programs.md').read_text()
